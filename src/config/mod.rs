@@ -1,0 +1,204 @@
+//! Configuration: YAML text → [`raw::RawConfig`] → validated [`Config`].
+//!
+//! Every problem found is collected, with file:line:col and the key path, so a user fixes a
+//! config in one round instead of one error per restart.
+
+mod locate;
+mod raw;
+mod validate;
+
+pub use locate::Pos;
+
+use ipnet::IpNet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+/// A validated configuration. Everything the proxy needs is parsed and defaulted here.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub trusted_proxies: TrustedProxies,
+    pub timeouts: Timeouts,
+    /// How often upstream names are re-resolved.
+    pub resolve_every: Duration,
+    pub access_log: AccessLog,
+    pub sites: Vec<Site>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub http: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// A client must send a whole request head within this time once it starts one.
+    pub client_header: Duration,
+    /// An idle keep-alive client connection is closed after this time.
+    pub client_idle: Duration,
+    pub upstream_connect: Duration,
+    /// Time from sending the request to receiving the upstream's response head.
+    pub upstream_header: Duration,
+    /// On SIGTERM/SIGINT, requests in flight get this long to finish.
+    pub grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            client_header: Duration::from_secs(10),
+            client_idle: Duration::from_secs(60),
+            upstream_connect: Duration::from_secs(5),
+            upstream_header: Duration::from_secs(60),
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    Text,
+    Json,
+    Off,
+}
+
+/// Peers whose incoming forwarding headers are believed.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(pub Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// `::ffff:1.2.3.4` (a v4 client on a dual-stack socket) is treated as `1.2.3.4`.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub hosts: Vec<HostPattern>,
+    /// Sorted longest path first.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// `app.example.com` (stored lower case).
+    Exact(String),
+    /// `*.app.example.com`, stored as `.app.example.com`.
+    Suffix(String),
+    /// `*`
+    Any,
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Suffix(s) => write!(f, "*{s}"),
+            HostPattern::Any => f.write_str("*"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Starts with `/`.
+    pub path: String,
+    pub strip_prefix: bool,
+    pub upstreams: Vec<UpstreamAddr>,
+}
+
+/// `name:port` as written; the name may resolve to many replica addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    pub pos: Option<Pos>,
+    /// Key path such as `sites[0].routes[1].path`; empty for the document itself.
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: String,
+    pub issues: Vec<Issue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.issues.len();
+        writeln!(
+            f,
+            "{}: {n} problem{} in config",
+            self.file,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for issue in &self.issues {
+            match issue.pos {
+                Some(p) => write!(f, "  {}:{}:{}: ", self.file, p.line, p.col)?,
+                None => write!(f, "  {}: ", self.file)?,
+            }
+            if !issue.path.is_empty() {
+                write!(f, "{}: ", issue.path)?;
+            }
+            writeln!(f, "{}", issue.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            issues: vec![Issue {
+                pos: None,
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Validates config text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        validate::parse(text).map_err(|issues| ConfigError {
+            file: file.to_owned(),
+            issues,
+        })
+    }
+}
