@@ -1,4 +1,11 @@
 //! gangway: an edge reverse proxy for Docker Compose stacks.
+//!
+//! The library takes a validated [`config::Config`] and a bound listener; the `gangway`
+//! binary reads files, sets up logging and maps errors to exit codes.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod demo;
+pub mod proxy;
+pub mod server;
+pub mod upstream;

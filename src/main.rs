@@ -1,1 +1,231 @@
-fn main(){}
+//! The `gangway` command: CLI, files, logging, signals and exit codes around the library.
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use gangway::config::{AccessLog, Config, ConfigError};
+use gangway::upstream::resolve::{Resolve, SystemResolver};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// sysexits.h EX_USAGE: the config is wrong.
+const EX_USAGE: u8 = 64;
+/// sysexits.h EX_UNAVAILABLE-ish: could not start (port taken, no permission).
+const EX_START: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "gangway", version, about = "Edge reverse proxy for Docker Compose stacks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Config file.
+        #[arg(short, long, default_value = "config/gangway.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a config and print the sites, routes and replica addresses it resolves to.
+    Check {
+        #[arg(short, long, default_value = "config/gangway.yaml")]
+        config: PathBuf,
+    },
+    /// Start the proxy in front of three built-in demo replicas.
+    Demo {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// How many demo replicas to start.
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gangway: cannot start the runtime: {e}");
+            return ExitCode::from(EX_START);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::Check { config } => check(config).await,
+            Command::Demo { listen, replicas } => demo(listen, replicas).await,
+        }
+    })
+}
+
+fn init_logging(format: AccessLog) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == AccessLog::Json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprint!("gangway: {e}");
+    ExitCode::from(EX_USAGE)
+}
+
+/// Cancelled on the first SIGTERM or SIGINT.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops gangway");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        t.cancel();
+    });
+    token
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ExitCode> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        eprintln!("gangway: cannot listen on {addr}: {e}");
+        ExitCode::from(EX_START)
+    })
+}
+
+async fn run(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    init_logging(config.access_log);
+    let listener = match bind(config.listen.http).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let shutdown = shutdown_on_signal();
+    let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver::new());
+    match gangway::server::run(config, listener, resolver, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gangway: {e}");
+            ExitCode::from(EX_START)
+        }
+    }
+}
+
+async fn check(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let resolver = SystemResolver::new();
+    println!("{}: config OK", path.display());
+    println!("listen http {}", config.listen.http);
+    if !config.trusted_proxies.0.is_empty() {
+        let nets: Vec<String> = config.trusted_proxies.0.iter().map(|n| n.to_string()).collect();
+        println!("trusted_proxies {}", nets.join(", "));
+    }
+    for site in &config.sites {
+        let hosts: Vec<String> = site.hosts.iter().map(|h| h.to_string()).collect();
+        println!("site {}", hosts.join(", "));
+        for route in &site.routes {
+            let strip = if route.strip_prefix { " (strip prefix)" } else { "" };
+            println!("  route {}{strip}", route.path);
+            for up in &route.upstreams {
+                let lookup = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    resolver.resolve(&up.host, up.port),
+                )
+                .await;
+                let replicas = match lookup {
+                    Ok(Ok(addrs)) if addrs.is_empty() => "no addresses yet (503 until it resolves)".to_owned(),
+                    Ok(Ok(addrs)) => addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+                    Ok(Err(e)) => format!("does not resolve yet: {e} (503 until it does)"),
+                    Err(_) => "DNS timed out (503 until it resolves)".to_owned(),
+                };
+                println!("    {up} -> {replicas}");
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn demo(listen: SocketAddr, n: usize) -> ExitCode {
+    init_logging(AccessLog::Text);
+    let stop = shutdown_on_signal();
+    let replicas = match gangway::demo::start_replicas(n.max(1), &stop).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gangway demo: cannot start the demo replicas: {e}");
+            return ExitCode::from(EX_START);
+        }
+    };
+    let listener = match TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("gangway demo: cannot listen on {listen}: {e}\n  try: gangway demo --listen 127.0.0.1:8081");
+            return ExitCode::from(EX_START);
+        }
+    };
+    let addr = listener.local_addr().unwrap_or(listen);
+    let yaml = gangway::demo::config_yaml(addr, &replicas);
+    let config = match Config::parse(&yaml, "<demo>") {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let server = tokio::spawn(gangway::server::run(
+        config,
+        listener,
+        Arc::new(SystemResolver::new()),
+        stop.clone(),
+    ));
+
+    println!("\ngangway demo: http://{addr} in front of {} replicas", replicas.len());
+    for (i, r) in replicas.iter().enumerate() {
+        println!("  replica-{} at {r}", i + 1);
+    }
+    let mut seen = Vec::new();
+    for _ in 0..replicas.len() * 2 {
+        match gangway::demo::get(addr, "/").await {
+            Ok((_, body)) => {
+                let name = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["replica"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "?".into());
+                seen.push(name);
+            }
+            Err(e) => seen.push(format!("error: {e}")),
+        }
+    }
+    println!("\nround robin, {} requests: {}", seen.len(), seen.join(" "));
+    println!("\ntry it:\n  curl -s http://{addr}/hello\n\nCtrl-C stops the demo.\n");
+    match server.await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        _ => ExitCode::from(EX_START),
+    }
+}

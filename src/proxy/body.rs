@@ -1,0 +1,186 @@
+//! The response body gangway sends: an upstream's streamed body or a short local one.
+//!
+//! Streaming an upstream body also hands its connection back to the replica's pool once the
+//! body has been read to its end, and writes the access-log line when the body is done.
+
+use crate::config::AccessLog;
+use crate::upstream::Replica;
+use crate::upstream::pool::Sender;
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// What the access log says about one request; written when the response body ends.
+pub struct AccessRecord {
+    pub format: AccessLog,
+    pub method: Method,
+    pub host: Option<HeaderValue>,
+    pub uri: Uri,
+    pub client: IpAddr,
+    pub status: StatusCode,
+    pub replica: Option<SocketAddr>,
+    pub start: Instant,
+    pub bytes: u64,
+    /// Why gangway answered itself, for error responses.
+    pub error: Option<&'static str>,
+}
+
+impl AccessRecord {
+    fn emit(&self) {
+        let ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let host = self
+            .host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("-");
+        let path = self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let replica = ReplicaField(self.replica);
+        match self.format {
+            AccessLog::Off => {}
+            AccessLog::Text => tracing::info!(
+                target: "access",
+                "{client} {method} {host} {path} {status} {replica} {ms:.1}ms {bytes}B{sep}{error}",
+                client = self.client,
+                method = self.method,
+                status = self.status.as_u16(),
+                bytes = self.bytes,
+                sep = if self.error.is_some() { " " } else { "" },
+                error = self.error.unwrap_or(""),
+            ),
+            AccessLog::Json => tracing::info!(
+                target: "access",
+                client = %self.client,
+                method = %self.method,
+                host,
+                path,
+                status = self.status.as_u16(),
+                replica = %replica,
+                duration_ms = ms,
+                bytes = self.bytes,
+                error = self.error,
+            ),
+        }
+    }
+}
+
+struct ReplicaField(Option<SocketAddr>);
+
+impl std::fmt::Display for ReplicaField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+enum Inner {
+    Upstream {
+        body: Incoming,
+        /// The connection to give back once `body` is read to the end.
+        conn: Option<(Sender, Arc<Replica>)>,
+    },
+    Full(Option<Bytes>),
+}
+
+pub struct ProxyBody {
+    inner: Inner,
+    log: Option<Box<AccessRecord>>,
+}
+
+impl ProxyBody {
+    pub fn upstream(
+        body: Incoming,
+        conn: Option<(Sender, Arc<Replica>)>,
+        log: Option<Box<AccessRecord>>,
+    ) -> Self {
+        ProxyBody {
+            inner: Inner::Upstream { body, conn },
+            log,
+        }
+    }
+
+    pub fn full(bytes: Bytes, log: Option<Box<AccessRecord>>) -> Self {
+        let mut log = log;
+        if let Some(l) = log.as_mut() {
+            l.bytes = bytes.len() as u64;
+        }
+        ProxyBody {
+            inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
+            log,
+        }
+    }
+
+    pub fn empty(log: Option<Box<AccessRecord>>) -> Self {
+        Self::full(Bytes::new(), log)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        match &mut this.inner {
+            Inner::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Inner::Upstream { body, conn } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(data), Some(log)) = (frame.data_ref(), this.log.as_mut()) {
+                            log.bytes += data.len() as u64;
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some((sender, replica)) = conn.take() {
+                            replica.pool.put(sender);
+                        }
+                    }
+                    _ => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(data) => data.is_none(),
+            Inner::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // A body with nothing to read (HEAD, 204, Content-Length: 0) is never polled to its
+        // end; its connection is still clean.
+        if let Inner::Upstream { body, conn } = &mut self.inner
+            && body.is_end_stream()
+            && let Some((sender, replica)) = conn.take()
+        {
+            replica.pool.put(sender);
+        }
+        if let Some(log) = &self.log {
+            log.emit();
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! Header rules: hop-by-hop removal and the forwarding headers the app behind us relies on.
+//!
+//! This is security code. A peer outside `trusted_proxies` cannot make the app believe in
+//! another client address, scheme, host or prefix: every such header it sent is dropped and
+//! rebuilt from what gangway itself saw.
+
+use crate::config::{TrustedProxies, canonical_ip};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::fmt::Write;
+use std::net::IpAddr;
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_FORWARDED_SSL: HeaderName = HeaderName::from_static("x-forwarded-ssl");
+static X_FORWARDED_SCHEME: HeaderName = HeaderName::from_static("x-forwarded-scheme");
+static X_FORWARDED_SERVER: HeaderName = HeaderName::from_static("x-forwarded-server");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the
+/// Proxy-* pair that RFC 2616 listed and proxies still strip).
+fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
+
+/// Is this an HTTP/1.1 upgrade (WebSocket) request or response?
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| connection_tokens(v).any(|t| t.eq_ignore_ascii_case("upgrade")))
+}
+
+fn connection_tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
+    v.to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers, including every header named in `Connection`. When `upgrade`
+/// is set the `Upgrade` header is kept and `Connection: upgrade` is sent on.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(connection_tokens)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+    }
+    let upgrade_value = if upgrade {
+        headers.remove(header::UPGRADE)
+    } else {
+        None
+    };
+    for name in fixed_hop_by_hop() {
+        headers.remove(name);
+    }
+    if let Some(v) = upgrade_value {
+        headers.insert(header::UPGRADE, v);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// What gangway knows about the request it is forwarding.
+pub struct Forwarding<'a> {
+    /// The TCP peer.
+    pub peer: IpAddr,
+    /// `http` or `https`, as seen by gangway's listener.
+    pub proto: &'static str,
+    /// The request's host as the client sent it (Host or :authority), port included.
+    pub host: &'a HeaderValue,
+    /// The port of the listener the request arrived on.
+    pub port: u16,
+    /// The path prefix removed by `strip_prefix`, if any.
+    pub prefix: Option<&'a str>,
+}
+
+/// Sets X-Forwarded-For/Proto/Host/Port/Prefix, X-Real-IP and Forwarded.
+///
+/// From a trusted peer the chains are extended and the peer's Proto/Host/Port kept; from any
+/// other peer every incoming forwarding header is discarded first. Returns the client address
+/// the app will see (for logs and `ip_hash`).
+pub fn set_forwarding(
+    headers: &mut HeaderMap,
+    fwd: &Forwarding<'_>,
+    trusted: &TrustedProxies,
+) -> IpAddr {
+    let peer = canonical_ip(fwd.peer);
+    let from_trusted = trusted.contains(peer);
+    if !from_trusted {
+        for name in [
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &X_FORWARDED_PORT,
+            &X_FORWARDED_PREFIX,
+            &X_FORWARDED_SSL,
+            &X_FORWARDED_SCHEME,
+            &X_FORWARDED_SERVER,
+            &X_REAL_IP,
+            &header::FORWARDED,
+        ] {
+            headers.remove(name);
+        }
+    }
+
+    // X-Forwarded-For: previous hops (only those a trusted peer vouches for), then the peer.
+    let mut xff = String::with_capacity(64);
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                if !xff.is_empty() {
+                    xff.push_str(", ");
+                }
+                xff.push_str(part);
+            }
+        }
+    }
+    let client = client_address(&xff, peer, trusted);
+    if !xff.is_empty() {
+        xff.push_str(", ");
+    }
+    let _ = write!(xff, "{peer}");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+
+    let mut ip_buf = String::with_capacity(40);
+    let _ = write!(ip_buf, "{client}");
+    if let Ok(v) = HeaderValue::from_str(&ip_buf) {
+        headers.insert(&X_REAL_IP, v);
+    }
+
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    }
+    if !headers.contains_key(&X_FORWARDED_HOST) {
+        headers.insert(&X_FORWARDED_HOST, fwd.host.clone());
+    }
+    if !headers.contains_key(&X_FORWARDED_PORT) {
+        headers.insert(&X_FORWARDED_PORT, HeaderValue::from(fwd.port));
+    }
+    if let Some(prefix) = fwd.prefix {
+        // An outer trusted proxy may have stripped a prefix of its own: ours comes after it.
+        let combined = match headers.get(&X_FORWARDED_PREFIX).and_then(|v| v.to_str().ok()) {
+            Some(outer) => format!("{}{prefix}", outer.trim_end_matches('/')),
+            None => prefix.to_owned(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&combined) {
+            headers.insert(&X_FORWARDED_PREFIX, v);
+        }
+    }
+
+    // RFC 7239 Forwarded: one element for this hop, appended to a trusted peer's list.
+    let mut fwd_value = String::with_capacity(96);
+    for v in headers.get_all(header::FORWARDED) {
+        if let Ok(s) = v.to_str() {
+            if !fwd_value.is_empty() {
+                fwd_value.push_str(", ");
+            }
+            fwd_value.push_str(s.trim());
+        }
+    }
+    if !fwd_value.is_empty() {
+        fwd_value.push_str(", ");
+    }
+    match peer {
+        IpAddr::V4(v4) => {
+            let _ = write!(fwd_value, "for={v4}");
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(fwd_value, "for=\"[{v6}]\"");
+        }
+    }
+    if let Ok(host) = fwd.host.to_str() {
+        if host.bytes().all(is_tchar) {
+            let _ = write!(fwd_value, ";host={host}");
+        } else if !host.contains(['"', '\\']) {
+            let _ = write!(fwd_value, ";host=\"{host}\"");
+        }
+    }
+    let _ = write!(fwd_value, ";proto={}", fwd.proto);
+    if let Ok(v) = HeaderValue::from_str(&fwd_value) {
+        headers.insert(header::FORWARDED, v);
+    }
+    client
+}
+
+/// RFC 9110 token characters.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The original client: walking the chain right to left from the peer, the first address that
+/// is not a trusted proxy. A chain made only of trusted proxies yields its leftmost entry.
+fn client_address(chain: &str, peer: IpAddr, trusted: &TrustedProxies) -> IpAddr {
+    if !trusted.contains(peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for part in chain.rsplit(',').map(str::trim) {
+        match parse_chain_ip(part) {
+            Some(ip) => {
+                client = ip;
+                if !trusted.contains(ip) {
+                    return ip;
+                }
+            }
+            // An entry we cannot read ("unknown", garbage): stop at what we know.
+            None => return client,
+        }
+    }
+    client
+}
+
+/// `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1` or `[2001:db8::1]:80`.
+fn parse_chain_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(canonical_ip(ip));
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok().map(canonical_ip);
+    }
+    let (ip, _port) = s.rsplit_once(':')?;
+    ip.parse().ok().map(canonical_ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipnet::IpNet;
+
+    fn trusted(nets: &[&str]) -> TrustedProxies {
+        TrustedProxies(nets.iter().map(|n| n.parse::<IpNet>().unwrap()).collect())
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn get<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+        h.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    struct Case {
+        name: &'static str,
+        peer: &'static str,
+        trusted: &'static [&'static str],
+        incoming: &'static [(&'static str, &'static str)],
+        prefix: Option<&'static str>,
+        expect: &'static [(&'static str, Option<&'static str>)],
+    }
+
+    #[test]
+    fn forwarding_table() {
+        let cases = [
+            Case {
+                name: "untrusted peer, clean request",
+                peer: "203.0.113.7",
+                trusted: &[],
+                incoming: &[],
+                prefix: None,
+                expect: &[
+                    ("x-forwarded-for", Some("203.0.113.7")),
+                    ("x-real-ip", Some("203.0.113.7")),
+                    ("x-forwarded-proto", Some("http")),
+                    ("x-forwarded-host", Some("app.example.com")),
+                    ("x-forwarded-port", Some("8080")),
+                    ("x-forwarded-prefix", None),
+                    ("forwarded", Some("for=203.0.113.7;host=app.example.com;proto=http")),
+                ],
+            },
+            Case {
+                name: "untrusted peer spoofing everything",
+                peer: "203.0.113.7",
+                trusted: &["10.0.0.0/8"],
+                incoming: &[
+                    ("x-forwarded-for", "1.1.1.1"),
+                    ("x-real-ip", "1.1.1.1"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-host", "evil.com"),
+                    ("x-forwarded-port", "443"),
+                    ("x-forwarded-prefix", "/admin"),
+                    ("x-forwarded-ssl", "on"),
+                    ("forwarded", "for=1.1.1.1;proto=https"),
+                ],
+                prefix: None,
+                expect: &[
+                    ("x-forwarded-for", Some("203.0.113.7")),
+                    ("x-real-ip", Some("203.0.113.7")),
+                    ("x-forwarded-proto", Some("http")),
+                    ("x-forwarded-host", Some("app.example.com")),
+                    ("x-forwarded-port", Some("8080")),
+                    ("x-forwarded-prefix", None),
+                    ("x-forwarded-ssl", None),
+                    ("forwarded", Some("for=203.0.113.7;host=app.example.com;proto=http")),
+                ],
+            },
+            Case {
+                name: "trusted peer extends the chain and keeps proto/host/port",
+                peer: "10.0.0.2",
+                trusted: &["10.0.0.0/8"],
+                incoming: &[
+                    ("x-forwarded-for", "198.51.100.1, 10.0.0.9"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-host", "www.example.com"),
+                    ("x-forwarded-port", "443"),
+                    ("forwarded", "for=198.51.100.1;proto=https"),
+                ],
+                prefix: None,
+                expect: &[
+                    ("x-forwarded-for", Some("198.51.100.1, 10.0.0.9, 10.0.0.2")),
+                    ("x-real-ip", Some("198.51.100.1")),
+                    ("x-forwarded-proto", Some("https")),
+                    ("x-forwarded-host", Some("www.example.com")),
+                    ("x-forwarded-port", Some("443")),
+                    (
+                        "forwarded",
+                        Some("for=198.51.100.1;proto=https, for=10.0.0.2;host=app.example.com;proto=http"),
+                    ),
+                ],
+            },
+            Case {
+                name: "trusted peer, client spoofed the left of the chain",
+                peer: "10.0.0.2",
+                trusted: &["10.0.0.0/8"],
+                incoming: &[("x-forwarded-for", "6.6.6.6, 198.51.100.1")],
+                prefix: None,
+                expect: &[
+                    ("x-forwarded-for", Some("6.6.6.6, 198.51.100.1, 10.0.0.2")),
+                    ("x-real-ip", Some("198.51.100.1")),
+                ],
+            },
+            Case {
+                name: "trusted peer without headers",
+                peer: "10.0.0.2",
+                trusted: &["10.0.0.0/8"],
+                incoming: &[],
+                prefix: None,
+                expect: &[
+                    ("x-forwarded-for", Some("10.0.0.2")),
+                    ("x-real-ip", Some("10.0.0.2")),
+                    ("x-forwarded-proto", Some("http")),
+                ],
+            },
+            Case {
+                name: "ipv6 peer is quoted in Forwarded",
+                peer: "2001:db8::1",
+                trusted: &[],
+                incoming: &[],
+                prefix: None,
+                expect: &[
+                    ("x-forwarded-for", Some("2001:db8::1")),
+                    ("forwarded", Some("for=\"[2001:db8::1]\";host=app.example.com;proto=http")),
+                ],
+            },
+            Case {
+                name: "v4-mapped peer is shown as v4",
+                peer: "::ffff:192.0.2.9",
+                trusted: &[],
+                incoming: &[],
+                prefix: None,
+                expect: &[("x-forwarded-for", Some("192.0.2.9")), ("x-real-ip", Some("192.0.2.9"))],
+            },
+            Case {
+                name: "strip prefix sets X-Forwarded-Prefix",
+                peer: "203.0.113.7",
+                trusted: &[],
+                incoming: &[("x-forwarded-prefix", "/evil")],
+                prefix: Some("/v1"),
+                expect: &[("x-forwarded-prefix", Some("/v1"))],
+            },
+            Case {
+                name: "prefix after a trusted proxy's prefix",
+                peer: "10.1.1.1",
+                trusted: &["10.0.0.0/8"],
+                incoming: &[("x-forwarded-prefix", "/app/")],
+                prefix: Some("/v1"),
+                expect: &[("x-forwarded-prefix", Some("/app/v1"))],
+            },
+        ];
+        for case in cases {
+            let mut h = map(case.incoming);
+            let host = HeaderValue::from_static("app.example.com");
+            let fwd = Forwarding {
+                peer: case.peer.parse().unwrap(),
+                proto: "http",
+                host: &host,
+                port: 8080,
+                prefix: case.prefix,
+            };
+            set_forwarding(&mut h, &fwd, &trusted(case.trusted));
+            for (name, want) in case.expect {
+                assert_eq!(get(&h, name), *want, "{}: header {name}", case.name);
+            }
+        }
+    }
+
+    #[test]
+    fn host_with_port_is_quoted_in_forwarded() {
+        let mut h = HeaderMap::new();
+        let host = HeaderValue::from_static("app.example.com:8443");
+        let fwd = Forwarding {
+            peer: "192.0.2.1".parse().unwrap(),
+            proto: "https",
+            host: &host,
+            port: 8443,
+            prefix: None,
+        };
+        set_forwarding(&mut h, &fwd, &TrustedProxies::default());
+        assert_eq!(
+            get(&h, "forwarded"),
+            Some("for=192.0.2.1;host=\"app.example.com:8443\";proto=https")
+        );
+        assert_eq!(get(&h, "x-forwarded-host"), Some("app.example.com:8443"));
+    }
+
+    #[test]
+    fn hop_by_hop_table() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("trailer", "x-t"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic eA=="),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(get(&h, "x-kept"), Some("yes"));
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_headers() {
+        let mut h = map(&[
+            ("connection", "Upgrade, x-secret"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+            ("sec-websocket-key", "abc"),
+        ]);
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(get(&h, "upgrade"), Some("websocket"));
+        assert_eq!(get(&h, "connection"), Some("upgrade"));
+        assert_eq!(get(&h, "x-secret"), None);
+        assert_eq!(get(&h, "sec-websocket-key"), Some("abc"));
+    }
+
+    #[test]
+    fn chain_entries() {
+        assert_eq!(parse_chain_ip("1.2.3.4:99"), Some("1.2.3.4".parse().unwrap()));
+        assert_eq!(parse_chain_ip("[2001:db8::1]:99"), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(parse_chain_ip("unknown"), None);
+    }
+}

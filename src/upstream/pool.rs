@@ -1,0 +1,105 @@
+//! Keep-alive HTTP/1.1 connections to one replica.
+//!
+//! A connection is checked out for one request and returned when the response body has been
+//! read to its end (see [`PooledConn`]); a connection whose body was abandoned is closed, never
+//! reused half-read. The lock is a plain mutex held for a push or a pop, never across `.await`.
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Idle connections older than this are not reused (servers commonly close at 60–75 s).
+const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
+/// Idle connections kept per replica.
+const MAX_IDLE: usize = 256;
+
+pub type Sender = http1::SendRequest<Incoming>;
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+#[derive(Default)]
+pub struct ConnPool {
+    idle: Mutex<Vec<Idle>>,
+}
+
+/// Why no connection could be had.
+#[derive(Debug)]
+pub enum ConnectError {
+    Timeout,
+    Io(io::Error),
+    Handshake(hyper::Error),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Timeout => f.write_str("connect timed out"),
+            ConnectError::Io(e) => write!(f, "connect failed: {e}"),
+            ConnectError::Handshake(e) => write!(f, "connection setup failed: {e}"),
+        }
+    }
+}
+
+impl ConnPool {
+    /// An idle connection that is not known to be closed, if any. Call `ready()` on it.
+    pub fn take_idle(&self) -> Option<Sender> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(conn) = idle.pop() {
+            if !conn.sender.is_closed() && now.duration_since(conn.since) < MAX_IDLE_AGE {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was read to the end. It may not be ready
+    /// for the next request yet (its task is still finishing the last one): the taker waits
+    /// for `ready()`.
+    pub fn put(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Number of idle connections (for tests and status).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Opens a new HTTP/1.1 connection. The connection task runs until the peer or every sender
+/// is gone; it supports upgrades, so the same path serves WebSocket.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(ConnectError::Timeout),
+        Ok(Err(e)) => return Err(ConnectError::Io(e)),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(ConnectError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
