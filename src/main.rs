@@ -18,7 +18,11 @@ const EX_USAGE: u8 = 64;
 const EX_START: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "gangway", version, about = "Edge reverse proxy for Docker Compose stacks")]
+#[command(
+    name = "gangway",
+    version,
+    about = "Edge reverse proxy for Docker Compose stacks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,7 +54,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gangway: cannot start the runtime: {e}");
@@ -147,14 +154,23 @@ async fn check(path: PathBuf) -> ExitCode {
     println!("{}: config OK", path.display());
     println!("listen http {}", config.listen.http);
     if !config.trusted_proxies.0.is_empty() {
-        let nets: Vec<String> = config.trusted_proxies.0.iter().map(|n| n.to_string()).collect();
+        let nets: Vec<String> = config
+            .trusted_proxies
+            .0
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         println!("trusted_proxies {}", nets.join(", "));
     }
     for site in &config.sites {
         let hosts: Vec<String> = site.hosts.iter().map(|h| h.to_string()).collect();
         println!("site {}", hosts.join(", "));
         for route in &site.routes {
-            let strip = if route.strip_prefix { " (strip prefix)" } else { "" };
+            let strip = if route.strip_prefix {
+                " (strip prefix)"
+            } else {
+                ""
+            };
             println!("  route {}{strip}", route.path);
             for up in &route.upstreams {
                 let lookup = tokio::time::timeout(
@@ -163,8 +179,14 @@ async fn check(path: PathBuf) -> ExitCode {
                 )
                 .await;
                 let replicas = match lookup {
-                    Ok(Ok(addrs)) if addrs.is_empty() => "no addresses yet (503 until it resolves)".to_owned(),
-                    Ok(Ok(addrs)) => addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+                    Ok(Ok(addrs)) if addrs.is_empty() => {
+                        "no addresses yet (503 until it resolves)".to_owned()
+                    }
+                    Ok(Ok(addrs)) => addrs
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     Ok(Err(e)) => format!("does not resolve yet: {e} (503 until it does)"),
                     Err(_) => "DNS timed out (503 until it resolves)".to_owned(),
                 };
@@ -188,7 +210,9 @@ async fn demo(listen: SocketAddr, n: usize) -> ExitCode {
     let listener = match TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("gangway demo: cannot listen on {listen}: {e}\n  try: gangway demo --listen 127.0.0.1:8081");
+            eprintln!(
+                "gangway demo: cannot listen on {listen}: {e}\n  try: gangway demo --listen 127.0.0.1:8081"
+            );
             return ExitCode::from(EX_START);
         }
     };
@@ -205,7 +229,10 @@ async fn demo(listen: SocketAddr, n: usize) -> ExitCode {
         stop.clone(),
     ));
 
-    println!("\ngangway demo: http://{addr} in front of {} replicas", replicas.len());
+    println!(
+        "\ngangway demo: http://{addr} in front of {} replicas",
+        replicas.len()
+    );
     for (i, r) in replicas.iter().enumerate() {
         println!("  replica-{} at {r}", i + 1);
     }

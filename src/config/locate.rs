@@ -99,7 +99,13 @@ impl Locator {
                 Some(Frame::Sequence { path, index }) => {
                     let p = format!("{path}[{index}]");
                     *index += 1;
-                    loc.entries.insert(p.clone(), Entry { key: pos, value: pos });
+                    loc.entries.insert(
+                        p.clone(),
+                        Entry {
+                            key: pos,
+                            value: pos,
+                        },
+                    );
                     Some(p)
                 }
                 Some(Frame::Mapping {
@@ -174,7 +180,10 @@ mod tests {
         let loc = Locator::new(DOC);
         assert_eq!(loc.key("listen.http"), Some(Pos { line: 2, col: 3 }));
         assert_eq!(loc.value("listen.http"), Some(Pos { line: 2, col: 9 }));
-        assert_eq!(loc.value("sites[0].hosts[1]"), Some(Pos { line: 4, col: 20 }));
+        assert_eq!(
+            loc.value("sites[0].hosts[1]"),
+            Some(Pos { line: 4, col: 20 })
+        );
         assert_eq!(
             loc.value("sites[0].routes[0].path"),
             Some(Pos { line: 6, col: 15 })

@@ -114,7 +114,8 @@ fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
 }
 
 fn parse_upstream(text: &str) -> Result<UpstreamAddr, String> {
-    let expected = || format!("expected host:port such as app:8000 or 10.0.0.5:8000, found {text:?}");
+    let expected =
+        || format!("expected host:port such as app:8000 or 10.0.0.5:8000, found {text:?}");
     let text = text.trim();
     if text.contains("://") || text.contains('/') {
         return Err(format!(
@@ -154,9 +155,9 @@ fn path_of(p: &serde_ignored::Path<'_>) -> String {
                 format!("{parent}.{key}")
             }
         }
-        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
-            path_of(parent)
-        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => path_of(parent),
     }
 }
 
@@ -369,7 +370,10 @@ fn check_site(
                 if let Some(prev) = seen_paths.insert(route.path.clone(), j) {
                     c.bad(
                         &format!("{rbase}.path"),
-                        format!("path {} is already used by {base}.routes[{prev}]", route.path),
+                        format!(
+                            "path {} is already used by {base}.routes[{prev}]",
+                            route.path
+                        ),
                     );
                 }
                 routes.push(route);
@@ -396,7 +400,9 @@ fn check_route(c: &mut Checker<'_>, base: &str, ups_path: &str, raw: RawRoute) -
         Some(p) if p.contains(['?', '#', ' ']) => {
             c.bad(
                 &format!("{base}.path"),
-                format!("expected a plain path prefix without query, fragment or spaces, found {p:?}"),
+                format!(
+                    "expected a plain path prefix without query, fragment or spaces, found {p:?}"
+                ),
             );
             "/".to_owned()
         }
@@ -408,9 +414,10 @@ fn check_route(c: &mut Checker<'_>, base: &str, ups_path: &str, raw: RawRoute) -
     let mut upstreams: Vec<UpstreamAddr> = Vec::new();
     for (k, text) in raw.upstreams.iter().enumerate() {
         match parse_upstream(text) {
-            Ok(u) if upstreams.contains(&u) => {
-                c.bad(&format!("{ups_path}[{k}]"), format!("upstream {u} is listed twice"))
-            }
+            Ok(u) if upstreams.contains(&u) => c.bad(
+                &format!("{ups_path}[{k}]"),
+                format!("upstream {u} is listed twice"),
+            ),
             Ok(u) => upstreams.push(u),
             Err(msg) => c.bad(&format!("{ups_path}[{k}]"), msg),
         }
@@ -518,8 +525,13 @@ sites:
             issues("sites:\n  - hosts: [a]\n"),
             vec!["2:5 sites[0]: expected `upstreams` or `routes`"]
         );
-        assert_eq!(issues("sites: []\n"), vec!["1:1 sites: expected at least one site"]);
-        let got = issues("sites:\n  - hosts: [\"http://a\", \"a.*.com\", \"*\"]\n    upstreams: [\"http://x:1\", \"y:0\", \"[::1]:80\"]\n");
+        assert_eq!(
+            issues("sites: []\n"),
+            vec!["1:1 sites: expected at least one site"]
+        );
+        let got = issues(
+            "sites:\n  - hosts: [\"http://a\", \"a.*.com\", \"*\"]\n    upstreams: [\"http://x:1\", \"y:0\", \"[::1]:80\"]\n",
+        );
         assert_eq!(got.len(), 4, "{got:?}");
     }
 
@@ -536,8 +548,9 @@ sites:
 
     #[test]
     fn numbers_where_strings_are_expected() {
-        let cfg = parse("timeouts:\n  grace: 3\nsites:\n  - hosts: [\"*\"]\n    upstreams: [x:1]\n")
-            .expect("valid");
+        let cfg =
+            parse("timeouts:\n  grace: 3\nsites:\n  - hosts: [\"*\"]\n    upstreams: [x:1]\n")
+                .expect("valid");
         assert_eq!(cfg.timeouts.grace, Duration::from_secs(3));
     }
 }

@@ -165,7 +165,10 @@ pub fn set_forwarding(
     }
     if let Some(prefix) = fwd.prefix {
         // An outer trusted proxy may have stripped a prefix of its own: ours comes after it.
-        let combined = match headers.get(&X_FORWARDED_PREFIX).and_then(|v| v.to_str().ok()) {
+        let combined = match headers
+            .get(&X_FORWARDED_PREFIX)
+            .and_then(|v| v.to_str().ok())
+        {
             Some(outer) => format!("{}{prefix}", outer.trim_end_matches('/')),
             None => prefix.to_owned(),
         };
@@ -297,7 +300,10 @@ mod tests {
                     ("x-forwarded-host", Some("app.example.com")),
                     ("x-forwarded-port", Some("8080")),
                     ("x-forwarded-prefix", None),
-                    ("forwarded", Some("for=203.0.113.7;host=app.example.com;proto=http")),
+                    (
+                        "forwarded",
+                        Some("for=203.0.113.7;host=app.example.com;proto=http"),
+                    ),
                 ],
             },
             Case {
@@ -323,7 +329,10 @@ mod tests {
                     ("x-forwarded-port", Some("8080")),
                     ("x-forwarded-prefix", None),
                     ("x-forwarded-ssl", None),
-                    ("forwarded", Some("for=203.0.113.7;host=app.example.com;proto=http")),
+                    (
+                        "forwarded",
+                        Some("for=203.0.113.7;host=app.example.com;proto=http"),
+                    ),
                 ],
             },
             Case {
@@ -346,7 +355,9 @@ mod tests {
                     ("x-forwarded-port", Some("443")),
                     (
                         "forwarded",
-                        Some("for=198.51.100.1;proto=https, for=10.0.0.2;host=app.example.com;proto=http"),
+                        Some(
+                            "for=198.51.100.1;proto=https, for=10.0.0.2;host=app.example.com;proto=http",
+                        ),
                     ),
                 ],
             },
@@ -381,7 +392,10 @@ mod tests {
                 prefix: None,
                 expect: &[
                     ("x-forwarded-for", Some("2001:db8::1")),
-                    ("forwarded", Some("for=\"[2001:db8::1]\";host=app.example.com;proto=http")),
+                    (
+                        "forwarded",
+                        Some("for=\"[2001:db8::1]\";host=app.example.com;proto=http"),
+                    ),
                 ],
             },
             Case {
@@ -390,7 +404,10 @@ mod tests {
                 trusted: &[],
                 incoming: &[],
                 prefix: None,
-                expect: &[("x-forwarded-for", Some("192.0.2.9")), ("x-real-ip", Some("192.0.2.9"))],
+                expect: &[
+                    ("x-forwarded-for", Some("192.0.2.9")),
+                    ("x-real-ip", Some("192.0.2.9")),
+                ],
             },
             Case {
                 name: "strip prefix sets X-Forwarded-Prefix",
@@ -482,8 +499,14 @@ mod tests {
 
     #[test]
     fn chain_entries() {
-        assert_eq!(parse_chain_ip("1.2.3.4:99"), Some("1.2.3.4".parse().unwrap()));
-        assert_eq!(parse_chain_ip("[2001:db8::1]:99"), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(
+            parse_chain_ip("1.2.3.4:99"),
+            Some("1.2.3.4".parse().unwrap())
+        );
+        assert_eq!(
+            parse_chain_ip("[2001:db8::1]:99"),
+            Some("2001:db8::1".parse().unwrap())
+        );
         assert_eq!(parse_chain_ip("unknown"), None);
     }
 }

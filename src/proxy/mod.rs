@@ -202,7 +202,12 @@ impl Proxy {
     }
 
     /// Sends `req` to one replica, on a pooled connection when one is idle.
-    async fn attempt(&self, replica: &Arc<Replica>, mut req: Request<Incoming>, upgrade: bool) -> Attempt {
+    async fn attempt(
+        &self,
+        replica: &Arc<Replica>,
+        mut req: Request<Incoming>,
+        upgrade: bool,
+    ) -> Attempt {
         // An upgraded connection is never returned to the pool, so take a fresh one for it.
         if !upgrade {
             while let Some(sender) = replica.pool.take_idle() {
@@ -235,13 +240,17 @@ impl Proxy {
         if sender.ready().await.is_err() {
             return Err(req);
         }
-        let sent = tokio::time::timeout(self.timeouts.upstream_header, sender.try_send_request(req));
+        let sent =
+            tokio::time::timeout(self.timeouts.upstream_header, sender.try_send_request(req));
         match sent.await {
             Err(_) => Ok(Attempt::Failed(Failure::Timeout, String::new())),
             Ok(Ok(resp)) => Ok(Attempt::Sent(resp, sender)),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(req) => Err(req),
-                None => Ok(Attempt::Failed(Failure::UpstreamBroken, e.into_error().to_string())),
+                None => Ok(Attempt::Failed(
+                    Failure::UpstreamBroken,
+                    e.into_error().to_string(),
+                )),
             },
         }
     }
@@ -293,9 +302,19 @@ impl Proxy {
 fn fail(failure: Failure, mut log: Option<Box<AccessRecord>>, detail: &str) -> Response<ProxyBody> {
     let status = failure.status();
     if status.is_server_error() {
-        tracing::warn!(status = status.as_u16(), reason = failure.reason(), detail, "request failed");
+        tracing::warn!(
+            status = status.as_u16(),
+            reason = failure.reason(),
+            detail,
+            "request failed"
+        );
     } else {
-        tracing::debug!(status = status.as_u16(), reason = failure.reason(), detail, "request refused");
+        tracing::debug!(
+            status = status.as_u16(),
+            reason = failure.reason(),
+            detail,
+            "request refused"
+        );
     }
     if let Some(l) = log.as_mut() {
         l.status = status;

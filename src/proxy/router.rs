@@ -60,13 +60,15 @@ impl Router {
                 })
                 .collect();
             router.sites.push(SiteEntry {
-                name: site.hosts.first().map(|h| h.to_string()).unwrap_or_default(),
+                name: site
+                    .hosts
+                    .first()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default(),
                 routes,
             });
         }
-        router
-            .suffixes
-            .sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        router.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
         router
     }
 

@@ -9,7 +9,6 @@
 //!   after the first byte, however slowly the rest trickles in;
 //! - busy (a request is being handled): no client-side deadline; upstream timeouts apply.
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -17,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// Shared between the connection's IO and its service.

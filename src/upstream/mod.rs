@@ -190,7 +190,10 @@ mod tests {
         assert_eq!(added, vec![addr("10.0.0.3:80")]);
         assert_eq!(removed, vec![addr("10.0.0.1:80")]);
         let second = b.replicas();
-        assert!(Arc::ptr_eq(&first[1], &second[0]), "10.0.0.2 kept its replica");
+        assert!(
+            Arc::ptr_eq(&first[1], &second[0]),
+            "10.0.0.2 kept its replica"
+        );
     }
 
     #[test]

@@ -75,3 +75,35 @@ impl Resolve for SystemResolver {
         })
     }
 }
+
+/// A resolver answering from a table that can be changed at run time: for tests, and for
+/// anything that discovers replicas by other means than DNS.
+#[derive(Default)]
+pub struct StaticResolver {
+    table: std::sync::Mutex<std::collections::HashMap<String, Vec<SocketAddr>>>,
+}
+
+impl StaticResolver {
+    /// Sets the addresses `host` resolves to. They are returned with their own ports (the
+    /// configured port is ignored), so replicas on one loopback host can differ by port.
+    pub fn set(&self, host: &str, addrs: Vec<SocketAddr>) {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        table.insert(host.to_ascii_lowercase(), addrs);
+    }
+}
+
+impl Resolve for StaticResolver {
+    fn resolve<'a>(&'a self, host: &'a str, port: u16) -> ResolveFuture<'a> {
+        let found = if let Ok(ip) = host.parse::<IpAddr>() {
+            Some(vec![SocketAddr::new(ip, port)])
+        } else {
+            let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            table.get(host).cloned()
+        };
+        Box::pin(async move {
+            found.ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("{host}: unknown name"))
+            })
+        })
+    }
+}
