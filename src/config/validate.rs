@@ -380,7 +380,7 @@ fn check_site(
             }
         }
     }
-    routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+    routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
     Site { hosts, routes }
 }
 

@@ -68,7 +68,7 @@ impl Router {
                 routes,
             });
         }
-        router.suffixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        router.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         router
     }
 

@@ -71,11 +71,12 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         // TimedIo enforces header and idle timeouts; hyper's timer would conflate them.
         .header_read_timeout(None)
         .keep_alive(true);
+    // No HTTP/2 keep-alive pings: each would count as traffic and keep an idle connection
+    // open forever; the idle timeout closes silent connections, dead peers included.
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_interval(None);
     builder
 }
 

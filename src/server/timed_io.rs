@@ -95,7 +95,7 @@ impl<T> TimedIo<T> {
         }
     }
 
-    fn on_write(&mut self, n: usize) {
+    fn on_write(&mut self, n: usize, cx: &mut Context<'_>) {
         // Sending a response body is activity: push the idle deadline, at most every second
         // of real time to keep timer work off the per-write path.
         if n > 0 && self.mode == Mode::Idle {
@@ -103,6 +103,11 @@ impl<T> TimedIo<T> {
             if next > self.deadline.deadline() + Duration::from_secs(1) {
                 self.deadline.as_mut().reset(next);
             }
+        }
+        // The read side may be parked since before the request (hyper polls it once and
+        // waits): register the deadline with this task's waker so it is seen when it fires.
+        if self.expired(cx) {
+            cx.waker().wake_by_ref();
         }
     }
 
@@ -150,7 +155,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         let this = self.get_mut();
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
         this.refresh();
-        this.on_write(n);
+        this.on_write(n, cx);
         Poll::Ready(Ok(n))
     }
 
@@ -162,7 +167,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         let this = self.get_mut();
         let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
         this.refresh();
-        this.on_write(n);
+        this.on_write(n, cx);
         Poll::Ready(Ok(n))
     }
 

@@ -1,0 +1,192 @@
+//! Long-lived and large traffic: WebSocket, big uploads and downloads, client timeouts,
+//! malformed requests.
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn websocket_echoes_through_round_robin_replicas() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let gw = Gangway::start(&catch_all(&[&a, &b], "")).await;
+    for i in 0..4 {
+        let url = format!("ws://{}/ws", gw.addr);
+        let (mut ws, resp) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket handshake");
+        assert_eq!(resp.status(), 101);
+        for j in 0..3 {
+            let text = format!("hello {i}.{j}");
+            ws.send(Message::text(text.clone())).await.unwrap();
+            let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("echo in time")
+                .expect("stream open")
+                .expect("frame");
+            assert_eq!(echo.into_text().unwrap().as_str(), text);
+        }
+        ws.close(None).await.unwrap();
+    }
+    assert_eq!((a.hits(), b.hits()), (2, 2));
+    assert_eq!(a.last().headers.get("upgrade").unwrap(), "websocket");
+}
+
+/// Peak resident memory of this test process, in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_1_gib_upload_streams_with_bounded_memory() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    const TOTAL: u64 = 1 << 30;
+    const CHUNK: usize = 256 * 1024;
+    let up = Upstream::start("sink").await;
+    let gw = Gangway::start(&catch_all(&[&up], "")).await;
+    let before = peak_rss();
+    let chunk = Bytes::from(vec![b'u'; CHUNK]);
+    let stream = futures_util::stream::iter(
+        (0..TOTAL / CHUNK as u64)
+            .map(move |_| Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))),
+    );
+    let req = http::Request::post("/upload")
+        .header("host", "x.test")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap();
+    let mut c = Client::connect(gw.addr).await;
+    let got = c.send(req).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        got.text(),
+        TOTAL.to_string(),
+        "upstream received every byte"
+    );
+    assert_eq!(up.last().body_len, TOTAL);
+    let grown = peak_rss().saturating_sub(before);
+    assert!(
+        grown < 128 << 20,
+        "peak memory grew by {} MiB for a 1 GiB upload",
+        grown >> 20
+    );
+}
+
+#[tokio::test]
+async fn a_large_download_streams_whole() {
+    let up = Upstream::start("src").await;
+    let gw = Gangway::start(&catch_all(&[&up], "")).await;
+    let got = get(gw.addr, "x.test", "/big?bytes=50000000").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body.len(), 50_000_000);
+    assert!(got.body.iter().all(|b| *b == b'x'));
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_a_closed_connection() {
+    let up = Upstream::start("a").await;
+    let gw = Gangway::start(&catch_all(&[&up], "")).await;
+    let cases: [&[u8]; 3] = [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+        b"GET / HTTP/1.1\r\nbad header line\r\n\r\n",
+    ];
+    for raw in cases {
+        let out = raw_exchange(gw.addr, raw, Duration::from_secs(5)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with("HTTP/1.1 400"),
+            "{:?} got {text:?}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    // HTTP/1.1 without Host.
+    let out = raw_exchange(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"));
+    assert_eq!(up.hits(), 0, "nothing malformed reached the upstream");
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_at_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("a").await;
+    let gw = Gangway::start(&catch_all(
+        &[&up],
+        "timeouts:\n  client_header: 500ms\n  client_idle: 30s",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let started = Instant::now();
+    // One header byte every 100 ms: each keeps the socket busy, none completes the head.
+    let dripping = async {
+        for b in b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: "
+            .iter()
+            .chain(b"zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz")
+        {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), dripping).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_millis(500),
+        "closed after {took:?}"
+    );
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_is_closed_but_busy_connections_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("a").await;
+    let gw = Gangway::start(&catch_all(
+        &[&up],
+        "timeouts:\n  client_header: 300ms\n  client_idle: 600ms",
+    ))
+    .await;
+
+    // A request slower than both client timeouts still completes: they do not apply while
+    // gangway is waiting for the upstream.
+    let got = get(gw.addr, "x.test", "/slow?ms=1200").await;
+    assert_eq!(got.status, 200);
+
+    // An idle connection gets its idle time (longer than the header limit), then is closed.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let idle_from = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(500),
+        "closed too early: {idle:?}"
+    );
+    assert!(
+        idle < Duration::from_millis(2000),
+        "closed too late: {idle:?}"
+    );
+}
