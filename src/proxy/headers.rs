@@ -92,7 +92,7 @@ pub struct Forwarding<'a> {
     pub proto: &'static str,
     /// The request's host as the client sent it (Host or :authority), port included.
     pub host: &'a HeaderValue,
-    /// The port of the listener the request arrived on.
+    /// The port of the listener the request arrived on (used when Host names none).
     pub port: u16,
     /// The path prefix removed by `strip_prefix`, if any.
     pub prefix: Option<&'a str>,
@@ -154,14 +154,25 @@ pub fn set_forwarding(
         headers.insert(&X_REAL_IP, v);
     }
 
+    if !headers.contains_key(&X_FORWARDED_PORT) {
+        // The port the client connected to: explicit in Host when not the default (a
+        // published 8443 mapped to gangway's 443 shows here), else the default port of a
+        // trusted proxy's scheme, else our listener's port.
+        let port = match host_port(fwd.host) {
+            Some(p) => p,
+            None => match headers.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
+                Some(b"https") => 443,
+                Some(b"http") => 80,
+                _ => fwd.port,
+            },
+        };
+        headers.insert(&X_FORWARDED_PORT, HeaderValue::from(port));
+    }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
     }
     if !headers.contains_key(&X_FORWARDED_HOST) {
         headers.insert(&X_FORWARDED_HOST, fwd.host.clone());
-    }
-    if !headers.contains_key(&X_FORWARDED_PORT) {
-        headers.insert(&X_FORWARDED_PORT, HeaderValue::from(fwd.port));
     }
     if let Some(prefix) = fwd.prefix {
         // An outer trusted proxy may have stripped a prefix of its own: ours comes after it.
@@ -210,6 +221,16 @@ pub fn set_forwarding(
         headers.insert(header::FORWARDED, v);
     }
     client
+}
+
+/// The explicit port of a Host value (`example.com:8443`, `[::1]:8443`), if any.
+fn host_port(host: &HeaderValue) -> Option<u16> {
+    let h = host.to_str().ok()?;
+    let (name, port) = h.rsplit_once(':')?;
+    if name.contains(':') && !name.ends_with(']') {
+        return None; // a bare IPv6 address
+    }
+    port.parse().ok()
 }
 
 /// RFC 9110 token characters.
@@ -410,6 +431,17 @@ mod tests {
                 ],
             },
             Case {
+                name: "trusted proxy sent a scheme but no port: the scheme's default port",
+                peer: "10.0.0.2",
+                trusted: &["10.0.0.0/8"],
+                incoming: &[("x-forwarded-proto", "https")],
+                prefix: None,
+                expect: &[
+                    ("x-forwarded-port", Some("443")),
+                    ("x-forwarded-proto", Some("https")),
+                ],
+            },
+            Case {
                 name: "strip prefix sets X-Forwarded-Prefix",
                 peer: "203.0.113.7",
                 trusted: &[],
@@ -451,7 +483,7 @@ mod tests {
             peer: "192.0.2.1".parse().unwrap(),
             proto: "https",
             host: &host,
-            port: 8443,
+            port: 443,
             prefix: None,
         };
         set_forwarding(&mut h, &fwd, &TrustedProxies::default());
@@ -460,6 +492,11 @@ mod tests {
             Some("for=192.0.2.1;host=\"app.example.com:8443\";proto=https")
         );
         assert_eq!(get(&h, "x-forwarded-host"), Some("app.example.com:8443"));
+        assert_eq!(
+            get(&h, "x-forwarded-port"),
+            Some("8443"),
+            "the port the client used"
+        );
     }
 
     #[test]
