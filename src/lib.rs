@@ -8,4 +8,5 @@ pub mod config;
 pub mod demo;
 pub mod proxy;
 pub mod server;
+pub mod tls;
 pub mod upstream;

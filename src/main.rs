@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use gangway::config::{AccessLog, Config, ConfigError};
+use gangway::server::Listeners;
 use gangway::upstream::resolve::{Resolve, SystemResolver};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +42,12 @@ enum Command {
         #[arg(short, long, default_value = "config/gangway.yaml")]
         config: PathBuf,
     },
+    /// Print the root certificate of gangway's local CA (for `tls: internal` sites), creating
+    /// it if needed, so it can be added to a trust store.
+    CaCert {
+        #[arg(short, long, default_value = "config/gangway.yaml")]
+        config: PathBuf,
+    },
     /// Start the proxy in front of three built-in demo replicas.
     Demo {
         /// Where the demo proxy listens.
@@ -68,6 +75,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
+            Command::CaCert { config } => ca_cert(config),
             Command::Demo { listen, replicas } => demo(listen, replicas).await,
         }
     })
@@ -117,29 +125,45 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, ExitCode> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        eprintln!("gangway: cannot listen on {addr}: {e}");
-        ExitCode::from(EX_START)
-    })
-}
-
 async fn run(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
     init_logging(config.access_log);
-    let listener = match bind(config.listen.http).await {
+    let listeners = match Listeners::bind(&config.listen).await {
         Ok(l) => l,
-        Err(code) => return code,
+        Err(e) => {
+            eprintln!("gangway: {e}");
+            return ExitCode::from(EX_START);
+        }
     };
     let shutdown = shutdown_on_signal();
     let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver::new());
-    match gangway::server::run(config, listener, resolver, shutdown).await {
+    match gangway::server::run(config, listeners, resolver, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gangway: {e}");
+            ExitCode::from(EX_START)
+        }
+    }
+}
+
+fn ca_cert(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    match gangway::tls::internal::LocalCa::load_or_create(&config.storage) {
+        Ok(ca) => {
+            print!("{}", ca.root_pem());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "gangway: cannot open the local CA in {}: {e}",
+                gangway::tls::internal::LocalCa::dir(&config.storage).display()
+            );
             ExitCode::from(EX_START)
         }
     }
@@ -224,7 +248,7 @@ async fn demo(listen: SocketAddr, n: usize) -> ExitCode {
     };
     let server = tokio::spawn(gangway::server::run(
         config,
-        listener,
+        Listeners::http_only(listener),
         Arc::new(SystemResolver::new()),
         stop.clone(),
     ));

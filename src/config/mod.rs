@@ -10,9 +10,11 @@ mod validate;
 pub use locate::Pos;
 
 use ipnet::IpNet;
+use rustls::sign::CertifiedKey;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A validated configuration. Everything the proxy needs is parsed and defaulted here.
@@ -24,12 +26,60 @@ pub struct Config {
     /// How often upstream names are re-resolved.
     pub resolve_every: Duration,
     pub access_log: AccessLog,
+    /// Where gangway keeps state: the local CA, (later) ACME accounts and certificates.
+    pub storage: PathBuf,
+    /// `Strict-Transport-Security` value for HTTPS responses, when configured.
+    pub hsts: Option<http::HeaderValue>,
     pub sites: Vec<Site>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Listen {
     pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+}
+
+/// Where a site's certificate comes from.
+#[derive(Clone)]
+pub enum TlsMode {
+    /// Plain HTTP only.
+    None,
+    /// Issued by gangway's local CA.
+    Internal,
+    /// PEM files, re-read when they change.
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        /// As loaded and checked at validation.
+        loaded: Arc<CertifiedKey>,
+    },
+}
+
+impl fmt::Debug for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsMode::None => f.write_str("none"),
+            TlsMode::Internal => f.write_str("internal"),
+            TlsMode::Files { cert, key, .. } => {
+                write!(f, "files({}, {})", cert.display(), key.display())
+            }
+        }
+    }
+}
+
+impl TlsMode {
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, TlsMode::None)
+    }
+}
+
+/// How gangway talks to a route's replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS (prior knowledge), one multiplexed connection per replica.
+    H2c,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +139,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 #[derive(Debug, Clone)]
 pub struct Site {
     pub hosts: Vec<HostPattern>,
+    pub tls: TlsMode,
     /// Sorted longest path first.
     pub routes: Vec<Route>,
 }
@@ -119,6 +170,7 @@ pub struct Route {
     pub path: String,
     pub strip_prefix: bool,
     pub upstreams: Vec<UpstreamAddr>,
+    pub upstream_protocol: UpstreamProtocol,
 }
 
 /// `name:port` as written; the name may resolve to many replica addresses.

@@ -16,13 +16,23 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     pub resolve_every: Option<String>,
     pub access_log: Option<String>,
+    pub storage: Option<String>,
+    pub hsts: Option<RawHsts>,
     #[serde(default)]
     pub sites: Vec<RawSite>,
 }
 
 #[derive(Debug, Default, Deserialize)]
+pub struct RawHsts {
+    pub max_age: Option<u64>,
+    #[serde(default)]
+    pub include_subdomains: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
 pub struct RawListen {
     pub http: Option<String>,
+    pub https: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -39,7 +49,54 @@ pub struct RawSite {
     #[serde(default)]
     pub hosts: Vec<String>,
     pub upstreams: Option<Vec<String>>,
+    pub upstream_protocol: Option<String>,
     pub routes: Option<Vec<RawRoute>>,
+    pub tls: Option<RawTls>,
+}
+
+/// `tls: acme | internal | none` or `tls: {cert: FILE, key: FILE}`.
+#[derive(Debug)]
+pub enum RawTls {
+    Mode(String),
+    Files {
+        cert: Option<String>,
+        key: Option<String>,
+        /// Keys other than cert and key, reported as unknown.
+        unknown: Vec<String>,
+    },
+}
+
+impl<'de> Deserialize<'de> for RawTls {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawTls;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("acme, internal, none, or {cert: FILE, key: FILE}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawTls, E> {
+                Ok(RawTls::Mode(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawTls, A::Error> {
+                let (mut cert, mut key, mut unknown) = (None, None, Vec::new());
+                while let Some(k) = map.next_key::<String>()? {
+                    match k.as_str() {
+                        "cert" => cert = Some(map.next_value::<String>()?),
+                        "key" => key = Some(map.next_value::<String>()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            unknown.push(k);
+                        }
+                    }
+                }
+                Ok(RawTls::Files { cert, key, unknown })
+            }
+        }
+        de.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,4 +106,5 @@ pub struct RawRoute {
     pub strip_prefix: bool,
     #[serde(default)]
     pub upstreams: Vec<String>,
+    pub upstream_protocol: Option<String>,
 }

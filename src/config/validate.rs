@@ -1,7 +1,7 @@
 //! Raw config → typed config, collecting every problem instead of stopping at the first.
 
 use super::locate::{Locator, Pos};
-use super::raw::{RawConfig, RawRoute, RawSite};
+use super::raw::{RawConfig, RawRoute, RawSite, RawTls};
 use super::*;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -232,6 +232,17 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         }),
     };
 
+    let https = raw.listen.https.as_deref().and_then(|text| {
+        let addr = parse_listen(text);
+        if addr.is_none() {
+            c.bad(
+                "listen.https",
+                format!("expected an address such as 0.0.0.0:443 or [::]:443, found {text:?}"),
+            );
+        }
+        addr
+    });
+
     let mut trusted = Vec::new();
     for (i, text) in raw.trusted_proxies.iter().enumerate() {
         match parse_cidr(text) {
@@ -285,6 +296,20 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         }
     };
 
+    let storage = PathBuf::from(raw.storage.as_deref().unwrap_or("/var/lib/gangway"));
+    let hsts = raw.hsts.as_ref().and_then(|h| {
+        if https.is_none() {
+            c.bad("hsts", "hsts needs an https listener (listen.https)");
+        }
+        let max_age = h.max_age.unwrap_or(31_536_000);
+        let value = if h.include_subdomains {
+            format!("max-age={max_age}; includeSubDomains")
+        } else {
+            format!("max-age={max_age}")
+        };
+        http::HeaderValue::from_str(&value).ok()
+    });
+
     if raw.sites.is_empty() {
         c.issues.push(Issue {
             pos: loc_or_none(c.loc, "sites"),
@@ -295,15 +320,17 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     let mut seen_hosts: HashMap<HostPattern, usize> = HashMap::new();
     let mut sites = Vec::new();
     for (i, site) in raw.sites.into_iter().enumerate() {
-        sites.push(check_site(c, i, site, &mut seen_hosts));
+        sites.push(check_site(c, i, site, &mut seen_hosts, https.is_some()));
     }
 
     Config {
-        listen: Listen { http },
+        listen: Listen { http, https },
         trusted_proxies: TrustedProxies(trusted),
         timeouts,
         resolve_every,
         access_log,
+        storage,
+        hsts,
         sites,
     }
 }
@@ -317,6 +344,7 @@ fn check_site(
     i: usize,
     site: RawSite,
     seen_hosts: &mut HashMap<HostPattern, usize>,
+    https: bool,
 ) -> Site {
     let base = format!("sites[{i}]");
     if site.hosts.is_empty() {
@@ -344,6 +372,8 @@ fn check_site(
         }
     }
 
+    let tls = check_tls(c, &base, site.tls, &hosts, https);
+    let site_protocol = site.upstream_protocol;
     let mut routes = Vec::new();
     match (site.upstreams, site.routes) {
         (Some(_), Some(_)) => c.bad(
@@ -356,10 +386,17 @@ fn check_site(
                 path: Some("/".into()),
                 strip_prefix: false,
                 upstreams: ups,
+                upstream_protocol: site_protocol,
             };
             routes.push(check_route(c, &base, &format!("{base}.upstreams"), raw));
         }
         (None, Some(raw_routes)) => {
+            if site_protocol.is_some() {
+                c.bad(
+                    &format!("{base}.upstream_protocol"),
+                    "with `routes`, set upstream_protocol on each route",
+                );
+            }
             if raw_routes.is_empty() {
                 c.bad(&format!("{base}.routes"), "expected at least one route");
             }
@@ -381,7 +418,104 @@ fn check_site(
         }
     }
     routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
-    Site { hosts, routes }
+    Site { hosts, tls, routes }
+}
+
+/// Names for which gangway's local CA is the sensible default (no public CA issues them).
+fn is_local_name(host: &HostPattern) -> bool {
+    let name = match host {
+        HostPattern::Exact(n) => n.as_str(),
+        HostPattern::Suffix(s) => s.as_str(),
+        HostPattern::Any => return false,
+    };
+    name.parse::<IpAddr>().is_ok()
+        || name == "localhost"
+        || [".localhost", ".local", ".internal", ".home.arpa", ".test"]
+            .iter()
+            .any(|suffix| name.ends_with(suffix) || name == &suffix[1..])
+}
+
+fn check_tls(
+    c: &mut Checker<'_>,
+    base: &str,
+    raw: Option<RawTls>,
+    hosts: &[HostPattern],
+    https: bool,
+) -> TlsMode {
+    let path = format!("{base}.tls");
+    let mode = match raw {
+        None if !https => return TlsMode::None,
+        None if !hosts.is_empty() && hosts.iter().all(is_local_name) => TlsMode::Internal,
+        None => {
+            c.bad(
+                base,
+                "with an https listener every site needs a certificate source: add tls: internal,                  tls: {cert: FILE, key: FILE}, or tls: none to serve it over plain HTTP only                  (ACME is not available yet)",
+            );
+            return TlsMode::None;
+        }
+        Some(RawTls::Mode(m)) => match m.as_str() {
+            "none" => return TlsMode::None,
+            "internal" => TlsMode::Internal,
+            "acme" => {
+                c.bad(
+                    &path,
+                    "ACME is not available yet: use internal or {cert, key} for now",
+                );
+                return TlsMode::None;
+            }
+            other => {
+                c.bad(
+                    &path,
+                    format!("expected acme, internal, none or {{cert: FILE, key: FILE}}, found {other:?}"),
+                );
+                return TlsMode::None;
+            }
+        },
+        Some(RawTls::Files { cert, key, unknown }) => {
+            for k in unknown {
+                let p = format!("{path}.{k}");
+                let pos = c.loc.key(&p);
+                c.issues.push(Issue {
+                    pos,
+                    path: p,
+                    message: "unknown key (expected cert and key)".into(),
+                });
+            }
+            let (Some(cert), Some(key)) = (cert, key) else {
+                c.bad(
+                    &path,
+                    "expected both cert (PEM chain) and key (PEM private key)",
+                );
+                return TlsMode::None;
+            };
+            let names: Vec<String> = hosts
+                .iter()
+                .filter(|h| **h != HostPattern::Any)
+                .map(|h| h.to_string())
+                .collect();
+            let (cert, key) = (PathBuf::from(cert), PathBuf::from(key));
+            match crate::tls::files::load(&crate::tls::provider(), &cert, &key, &names) {
+                Ok(loaded) => TlsMode::Files { cert, key, loaded },
+                Err(e) => {
+                    c.bad(&format!("{path}.cert"), e);
+                    return TlsMode::None;
+                }
+            }
+        }
+    };
+    if !https {
+        c.bad(
+            &path,
+            "a TLS site needs an https listener: set listen.https (e.g. 0.0.0.0:443)",
+        );
+    }
+    if matches!(mode, TlsMode::Internal) && hosts.contains(&HostPattern::Any) {
+        c.bad(
+            &path,
+            "the local CA cannot issue a certificate for `*`: list the names, or use cert files",
+        );
+    }
+    mode
 }
 
 fn check_route(c: &mut Checker<'_>, base: &str, ups_path: &str, raw: RawRoute) -> Route {
@@ -422,10 +556,22 @@ fn check_route(c: &mut Checker<'_>, base: &str, ups_path: &str, raw: RawRoute) -
             Err(msg) => c.bad(&format!("{ups_path}[{k}]"), msg),
         }
     }
+    let upstream_protocol = match raw.upstream_protocol.as_deref() {
+        None | Some("http1") => UpstreamProtocol::Http1,
+        Some("h2c") => UpstreamProtocol::H2c,
+        Some(other) => {
+            c.bad(
+                &format!("{base}.upstream_protocol"),
+                format!("expected http1 or h2c, found {other:?}"),
+            );
+            UpstreamProtocol::Http1
+        }
+    };
     Route {
         path,
         strip_prefix: raw.strip_prefix,
         upstreams,
+        upstream_protocol,
     }
 }
 

@@ -36,6 +36,9 @@ pub struct Proxy {
     trusted: TrustedProxies,
     timeouts: Timeouts,
     access_log: AccessLog,
+    /// The https listener's port, for redirects (none: no https listener).
+    https_port: Option<u16>,
+    hsts: Option<HeaderValue>,
 }
 
 /// Why gangway answered a request itself.
@@ -87,12 +90,15 @@ enum Attempt {
 }
 
 impl Proxy {
-    pub fn new(config: &Config) -> Proxy {
+    /// `https_port` is the bound https listener's port, if there is one.
+    pub fn new(config: &Config, https_port: Option<u16>) -> Proxy {
         Proxy {
             router: Router::new(config),
             trusted: config.trusted_proxies.clone(),
             timeouts: config.timeouts,
             access_log: config.access_log,
+            https_port,
+            hsts: config.hsts.clone(),
         }
     }
 
@@ -101,7 +107,18 @@ impl Proxy {
     }
 
     /// Handles one request end to end; never fails (errors become responses).
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+        let mut resp = self.forward(req, conn).await;
+        if conn.proto == "https"
+            && let Some(hsts) = &self.hsts
+        {
+            resp.headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+        resp
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let start = Instant::now();
         // HTTP/2 carries the host in :authority; HTTP/1.1 in Host.
         let host = match req.headers().get(header::HOST) {
@@ -134,6 +151,13 @@ impl Proxy {
         let Some(site) = self.router.site(host_str) else {
             return fail(Failure::NoSite, log, host_str);
         };
+        if site.tls
+            && conn.proto == "http"
+            && let Some(port) = self.https_port
+            && !req.uri().path().starts_with("/.well-known/acme-challenge/")
+        {
+            return redirect_to_https(host_str, port, req.uri(), log);
+        }
         let Some(route) = site.route(req.uri().path()) else {
             return fail(Failure::NoRoute, log, host_str);
         };
@@ -297,6 +321,44 @@ impl Proxy {
             ProxyBody::upstream(body, Some((sender, Arc::clone(replica))), log),
         )
     }
+}
+
+/// 308 to the same host, path and query over https (308 keeps the method and body).
+fn redirect_to_https(
+    host: &str,
+    port: u16,
+    uri: &Uri,
+    mut log: Option<Box<AccessRecord>>,
+) -> Response<ProxyBody> {
+    let name = router::host_without_port(host);
+    let name_is_v6 = name.contains(':');
+    let mut location = String::with_capacity(16 + host.len() + uri.path().len());
+    location.push_str("https://");
+    if name_is_v6 {
+        location.push('[');
+        location.push_str(name);
+        location.push(']');
+    } else {
+        location.push_str(name);
+    }
+    if port != 443 {
+        location.push(':');
+        location.push_str(&port.to_string());
+    }
+    location.push_str(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    let status = StatusCode::PERMANENT_REDIRECT;
+    if let Some(l) = log.as_mut() {
+        l.status = status;
+    }
+    let mut resp = Response::new(ProxyBody::empty(log));
+    *resp.status_mut() = status;
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    resp
 }
 
 fn fail(failure: Failure, mut log: Option<Box<AccessRecord>>, detail: &str) -> Response<ProxyBody> {

@@ -17,6 +17,8 @@ pub struct RouteEntry {
 pub struct SiteEntry {
     /// The first configured host, for logs.
     pub name: String,
+    /// Served over HTTPS: plain-HTTP requests are redirected.
+    pub tls: bool,
     /// Longest path first.
     pub routes: Vec<RouteEntry>,
 }
@@ -56,10 +58,11 @@ impl Router {
                         .strip_prefix
                         .then(|| r.path.trim_end_matches('/').to_owned())
                         .filter(|p| !p.is_empty()),
-                    backend: Arc::new(Backend::new(r.upstreams.clone())),
+                    backend: Arc::new(Backend::new(r.upstreams.clone(), r.upstream_protocol)),
                 })
                 .collect();
             router.sites.push(SiteEntry {
+                tls: site.tls.is_tls(),
                 name: site
                     .hosts
                     .first()
@@ -68,7 +71,9 @@ impl Router {
                 routes,
             });
         }
-        router.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        router
+            .suffixes
+            .sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         router
     }
 

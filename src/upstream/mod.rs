@@ -7,9 +7,9 @@
 pub mod pool;
 pub mod resolve;
 
-use crate::config::UpstreamAddr;
+use crate::config::{UpstreamAddr, UpstreamProtocol};
 use arc_swap::ArcSwap;
-use pool::ConnPool;
+use pool::{ConnPool, H2Slot};
 use resolve::Resolve;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 /// One replica address and its keep-alive connections.
 pub struct Replica {
     pub addr: SocketAddr,
+    /// Idle HTTP/1.1 connections.
     pub pool: ConnPool,
+    /// The shared connection, for h2c routes.
+    pub h2: H2Slot,
 }
 
 impl Replica {
@@ -28,6 +31,7 @@ impl Replica {
         Replica {
             addr,
             pool: ConnPool::default(),
+            h2: H2Slot::default(),
         }
     }
 }
@@ -36,14 +40,16 @@ impl Replica {
 pub struct Backend {
     /// The names as configured; each resolves to zero or more replicas.
     pub upstreams: Vec<UpstreamAddr>,
+    pub protocol: UpstreamProtocol,
     replicas: ArcSwap<Vec<Arc<Replica>>>,
     next: AtomicUsize,
 }
 
 impl Backend {
-    pub fn new(upstreams: Vec<UpstreamAddr>) -> Self {
+    pub fn new(upstreams: Vec<UpstreamAddr>, protocol: UpstreamProtocol) -> Self {
         Backend {
             upstreams,
+            protocol,
             replicas: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
         }
@@ -181,7 +187,7 @@ mod tests {
 
     #[test]
     fn set_addrs_keeps_existing_replicas() {
-        let b = Backend::new(vec![]);
+        let b = Backend::new(vec![], UpstreamProtocol::Http1);
         let (added, removed) = b.set_addrs(vec![addr("10.0.0.1:80"), addr("10.0.0.2:80")]);
         assert_eq!(added, vec![addr("10.0.0.1:80"), addr("10.0.0.2:80")]);
         assert!(removed.is_empty());
@@ -198,7 +204,7 @@ mod tests {
 
     #[test]
     fn round_robin_is_exact() {
-        let b = Backend::new(vec![]);
+        let b = Backend::new(vec![], UpstreamProtocol::Http1);
         let mut counts = [0usize; 3];
         for _ in 0..301 {
             counts[b.next_index(3)] += 1;

@@ -5,8 +5,8 @@
 //! reused half-read. The lock is a plain mutex held for a push or a pop, never across `.await`.
 
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -86,12 +86,7 @@ impl ConnPool {
 /// Opens a new HTTP/1.1 connection. The connection task runs until the peer or every sender
 /// is gone; it supports upgrades, so the same path serves WebSocket.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => return Err(ConnectError::Timeout),
-        Ok(Err(e)) => return Err(ConnectError::Io(e)),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = tcp(addr, timeout).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -99,6 +94,50 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, Conn
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+pub type H2Sender = http2::SendRequest<Incoming>;
+
+/// The one multiplexed HTTP/2 (h2c) connection to a replica, for `upstream_protocol: h2c`.
+#[derive(Default)]
+pub struct H2Slot(Mutex<Option<H2Sender>>);
+
+impl H2Slot {
+    /// The current connection, unless it is known to be closed.
+    pub fn get(&self) -> Option<H2Sender> {
+        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    pub fn set(&self, sender: H2Sender) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+    }
+}
+
+async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => Err(ConnectError::Timeout),
+        Ok(Err(e)) => Err(ConnectError::Io(e)),
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+    }
+}
+
+/// Opens an HTTP/2 connection with prior knowledge (h2c).
+pub async fn connect_h2(addr: SocketAddr, timeout: Duration) -> Result<H2Sender, ConnectError> {
+    let stream = tcp(addr, timeout).await?;
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(ConnectError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(upstream = %addr, error = %e, "upstream h2c connection ended");
         }
     });
     Ok(sender)

@@ -246,6 +246,8 @@ fn query_num_from(path: &str, key: &str) -> u64 {
 /// gangway running in-process on 127.0.0.1:0.
 pub struct Gangway {
     pub addr: SocketAddr,
+    /// The https listener, when the config has `listen.https`.
+    pub https_addr: Option<SocketAddr>,
     pub stop: CancellationToken,
     pub task: JoinHandle<std::io::Result<()>>,
 }
@@ -260,14 +262,29 @@ impl Gangway {
         let config = Config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("addr");
+        // A config with an https listener gets one on another free port.
+        let https = match config.listen.https {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.expect("bind https")),
+            None => None,
+        };
+        let https_addr = https.as_ref().map(|l| l.local_addr().expect("addr"));
         let stop = CancellationToken::new();
+        let listeners = gangway::server::Listeners {
+            http: listener,
+            https,
+        };
         let task = tokio::spawn(gangway::server::run(
             config,
-            listener,
+            listeners,
             resolver,
             stop.clone(),
         ));
-        Gangway { addr, stop, task }
+        Gangway {
+            addr,
+            https_addr,
+            stop,
+            task,
+        }
     }
 
     pub fn static_resolver() -> Arc<StaticResolver> {
