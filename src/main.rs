@@ -84,7 +84,9 @@ fn main() -> ExitCode {
 fn init_logging(format: AccessLog) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if format == AccessLog::Json {
         builder.json().flatten_event(true).init();
     } else {

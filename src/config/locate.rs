@@ -115,6 +115,9 @@ impl Locator {
                 }) => match key.take() {
                     None => {
                         if let Event::Scalar(text, ..) = &event {
+                            // A key's own position belongs to its path too, so an error
+                            // at a key (duplicate, unknown) maps back to that key.
+                            loc.ordered.push((pos, join_key(path, text)));
                             *key = Some((text.to_string(), pos));
                         } else if is_start {
                             *skipping_key = 1;

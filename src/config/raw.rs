@@ -61,8 +61,6 @@ pub enum RawTls {
     Files {
         cert: Option<String>,
         key: Option<String>,
-        /// Keys other than cert and key, reported as unknown.
-        unknown: Vec<String>,
     },
 }
 
@@ -81,18 +79,17 @@ impl<'de> Deserialize<'de> for RawTls {
                 self,
                 mut map: A,
             ) -> Result<RawTls, A::Error> {
-                let (mut cert, mut key, mut unknown) = (None, None, Vec::new());
+                let (mut cert, mut key) = (None, None);
                 while let Some(k) = map.next_key::<String>()? {
                     match k.as_str() {
                         "cert" => cert = Some(map.next_value::<String>()?),
                         "key" => key = Some(map.next_value::<String>()?),
                         _ => {
                             map.next_value::<serde::de::IgnoredAny>()?;
-                            unknown.push(k);
                         }
                     }
                 }
-                Ok(RawTls::Files { cert, key, unknown })
+                Ok(RawTls::Files { cert, key })
             }
         }
         de.deserialize_any(V)

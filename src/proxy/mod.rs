@@ -4,7 +4,7 @@ pub mod body;
 pub mod headers;
 pub mod router;
 
-use crate::config::{AccessLog, Config, Timeouts, TrustedProxies};
+use crate::config::{AccessLog, Config, Timeouts, TrustedProxies, UpstreamProtocol};
 use crate::upstream::Replica;
 use crate::upstream::pool::{self, ConnectError, Sender};
 use body::{AccessRecord, ProxyBody};
@@ -83,7 +83,8 @@ impl Failure {
 
 /// The outcome of trying one replica.
 enum Attempt {
-    Sent(Response<Incoming>, Sender),
+    /// The response, and the HTTP/1.1 connection to pool once its body is read.
+    Sent(Response<Incoming>, Option<Sender>),
     /// Nothing was sent: the request comes back to try elsewhere.
     NotConnected(Request<Incoming>, ConnectError),
     Failed(Failure, String),
@@ -178,8 +179,24 @@ impl Proxy {
             }
             None => parts.uri.path_and_query().cloned(),
         };
-        parts.uri = Uri::from(path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")));
-        parts.version = Version::HTTP_11;
+        let path_and_query = path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let h2c = route.backend.protocol == UpstreamProtocol::H2c && !upgrade;
+        parts.uri = if h2c {
+            // HTTP/2 carries the host as :authority, taken from the absolute URI.
+            Uri::builder()
+                .scheme("http")
+                .authority(host_str)
+                .path_and_query(path_and_query.clone())
+                .build()
+                .unwrap_or_else(|_| Uri::from(path_and_query))
+        } else {
+            Uri::from(path_and_query)
+        };
+        parts.version = if h2c {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         if !parts.headers.contains_key(header::HOST) {
             parts.headers.insert(header::HOST, host.clone());
         }
@@ -210,7 +227,12 @@ impl Proxy {
             if let Some(l) = log.as_mut() {
                 l.replica = Some(replica.addr);
             }
-            match self.attempt(replica, req, upgrade).await {
+            let attempt = if h2c {
+                self.attempt_h2(replica, req).await
+            } else {
+                self.attempt(replica, req, upgrade).await
+            };
+            match attempt {
                 Attempt::Sent(resp, sender) => {
                     return self.respond(resp, sender, replica, client_upgrade, log);
                 }
@@ -255,6 +277,44 @@ impl Proxy {
         }
     }
 
+    /// Sends `req` to one replica over its shared h2c connection, opening it if needed.
+    async fn attempt_h2(&self, replica: &Arc<Replica>, req: Request<Incoming>) -> Attempt {
+        let connect = || pool::connect_h2(replica.addr, self.timeouts.upstream_connect);
+        let mut sender = match replica.h2.get() {
+            Some(s) => s,
+            None => match connect().await {
+                Ok(s) => {
+                    replica.h2.set(s.clone());
+                    s
+                }
+                Err(e) => return Attempt::NotConnected(req, e),
+            },
+        };
+        if sender.ready().await.is_err() {
+            // The shared connection went away between requests: one new one.
+            sender = match connect().await {
+                Ok(s) => {
+                    replica.h2.set(s.clone());
+                    s
+                }
+                Err(e) => return Attempt::NotConnected(req, e),
+            };
+        }
+        let sent =
+            tokio::time::timeout(self.timeouts.upstream_header, sender.try_send_request(req));
+        match sent.await {
+            Err(_) => Attempt::Failed(Failure::Timeout, String::new()),
+            Ok(Ok(resp)) => Attempt::Sent(resp, None),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(req) => Attempt::NotConnected(
+                    req,
+                    ConnectError::Io(std::io::Error::other("h2c connection not ready")),
+                ),
+                None => Attempt::Failed(Failure::UpstreamBroken, e.into_error().to_string()),
+            },
+        }
+    }
+
     /// Sends on one connection. `Err` gives the request back when nothing was written.
     async fn send(
         &self,
@@ -268,7 +328,7 @@ impl Proxy {
             tokio::time::timeout(self.timeouts.upstream_header, sender.try_send_request(req));
         match sent.await {
             Err(_) => Ok(Attempt::Failed(Failure::Timeout, String::new())),
-            Ok(Ok(resp)) => Ok(Attempt::Sent(resp, sender)),
+            Ok(Ok(resp)) => Ok(Attempt::Sent(resp, Some(sender))),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(req) => Err(req),
                 None => Ok(Attempt::Failed(
@@ -282,7 +342,7 @@ impl Proxy {
     fn respond(
         &self,
         mut resp: Response<Incoming>,
-        sender: Sender,
+        sender: Option<Sender>,
         replica: &Arc<Replica>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         mut log: Option<Box<AccessRecord>>,
@@ -318,7 +378,7 @@ impl Proxy {
         let (parts, body) = resp.into_parts();
         Response::from_parts(
             parts,
-            ProxyBody::upstream(body, Some((sender, Arc::clone(replica))), log),
+            ProxyBody::upstream(body, sender.map(|s| (s, Arc::clone(replica))), log),
         )
     }
 }
@@ -330,7 +390,8 @@ fn redirect_to_https(
     uri: &Uri,
     mut log: Option<Box<AccessRecord>>,
 ) -> Response<ProxyBody> {
-    let name = router::host_without_port(host);
+    let name = router::host_without_port(host).to_ascii_lowercase();
+    let name = name.as_str();
     let name_is_v6 = name.contains(':');
     let mut location = String::with_capacity(16 + host.len() + uri.path().len());
     location.push_str("https://");

@@ -1,0 +1,563 @@
+//! The `gangway` binary as a user meets it: exit codes, what it prints, signals.
+//!
+//! Every child process is owned by a [`Proc`] guard that kills it on drop, so a failing
+//! assertion never leaves a proxy running. Waits are polls against deadlines.
+
+mod common;
+
+use common::Upstream;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gangway");
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A `gangway` command run from the crate root (so fixture paths print as written), with a
+/// predictable log filter.
+fn gangway(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(MANIFEST_DIR)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// A running child process, killed and reaped on drop. Its stdout and stderr go to files
+/// (read with [`Proc::stdout`] / [`Proc::stderr`]) unless the caller piped them.
+struct Proc {
+    child: Child,
+    out: Option<(PathBuf, PathBuf)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Proc {
+    /// Spawns with stdout and stderr captured to files.
+    fn spawn(mut cmd: Command) -> Proc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (o, e) = (dir.path().join("stdout"), dir.path().join("stderr"));
+        cmd.stdout(File::create(&o).expect("stdout file"))
+            .stderr(File::create(&e).expect("stderr file"));
+        let child = cmd.spawn().expect("spawn gangway");
+        Proc {
+            child,
+            out: Some((o, e)),
+            _dir: Some(dir),
+        }
+    }
+
+    /// Spawns with stdout piped (taken by the caller) and stderr discarded.
+    fn spawn_piped(mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+        let child = cmd.spawn().expect("spawn gangway");
+        Proc {
+            child,
+            out: None,
+            _dir: None,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stdout(&self) -> String {
+        let (o, _) = self.out.as_ref().expect("stdout captured");
+        std::fs::read_to_string(o).expect("read stdout")
+    }
+
+    fn stderr(&self) -> String {
+        let (_, e) = self.out.as_ref().expect("stderr captured");
+        std::fs::read_to_string(e).expect("read stderr")
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Polls until the process exits; `None` if it is still running at the deadline.
+    fn wait_until(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Async flavour of [`Proc::wait_until`], for tests that also serve an upstream.
+    async fn wait_until_async(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends SIGTERM through `kill(1)` (no unsafe code).
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {} failed", self.pid());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command that should end by itself; fails the test if it is still running after
+/// `limit`. Returns the status, stdout and stderr.
+fn run_to_end(cmd: Command, limit: Duration) -> (ExitStatus, String, String) {
+    let mut p = Proc::spawn(cmd);
+    let status = p
+        .wait_until(limit)
+        .unwrap_or_else(|| panic!("gangway still running after {limit:?}"));
+    (status, p.stdout(), p.stderr())
+}
+
+const QUICK: Duration = Duration::from_secs(20);
+
+fn fixture(name: &str) -> String {
+    format!("tests/fixtures/{name}")
+}
+
+// ---------------------------------------------------------------------------------------
+// --version
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn version_prints_name_and_version() {
+    let (status, out, err) = run_to_end(gangway(&["--version"]), QUICK);
+    assert_eq!(status.code(), Some(0), "stderr: {err}");
+    assert_eq!(out, format!("gangway {}\n", env!("CARGO_PKG_VERSION")));
+    assert_eq!(out, "gangway 0.1.0\n");
+    assert_eq!(err, "");
+}
+
+// ---------------------------------------------------------------------------------------
+// check / run on invalid configs
+// ---------------------------------------------------------------------------------------
+
+/// What `check` and `run` print for tests/fixtures/problems.yaml.
+fn problems_report() -> String {
+    let f = fixture("problems.yaml");
+    [
+        format!("gangway: {f}: 6 problems in config"),
+        format!("  {f}:4:3: listen.htpp: unknown key"),
+        format!(
+            "  {f}:6:10: timeouts.grace: expected a duration such as 500ms, 10s, 5m or 1h, found \"soon\""
+        ),
+        format!(
+            "  {f}:9:17: sites[0].upstreams[0]: expected host:port such as app:8000 or 10.0.0.5:8000, found \"app\""
+        ),
+        format!("  {f}:10:30: sites[1].hosts[1]: host app.example.com is already served by sites[0]"),
+        format!(
+            "  {f}:12:15: sites[1].routes[0].path: expected a path starting with /, found \"v1\""
+        ),
+        format!("  {f}:14:9: sites[1].routes[0].colour: unknown key"),
+        String::new(),
+    ]
+    .join("\n")
+}
+
+#[test]
+fn check_lists_every_problem_with_position_and_key_path() {
+    let f = fixture("problems.yaml");
+    let (status, out, err) = run_to_end(gangway(&["check", "-c", &f]), QUICK);
+    assert_eq!(status.code(), Some(64), "stdout: {out}\nstderr: {err}");
+    assert_eq!(out, "", "nothing on stdout for a bad config");
+    assert_eq!(err, problems_report());
+}
+
+#[test]
+fn run_refuses_an_invalid_config_with_the_same_report() {
+    let f = fixture("problems.yaml");
+    let (status, out, err) = run_to_end(gangway(&["run", "-c", &f]), QUICK);
+    assert_eq!(status.code(), Some(64), "stdout: {out}\nstderr: {err}");
+    assert_eq!(out, "");
+    assert_eq!(err, problems_report());
+}
+
+/// Status, position and message of a duplicate key (parsing stops there, so it is alone).
+#[test]
+fn check_reports_a_duplicate_key_with_its_position() {
+    let f = fixture("duplicate_key.yaml");
+    for cmd in ["check", "run"] {
+        let (status, out, err) = run_to_end(gangway(&[cmd, "-c", &f]), QUICK);
+        assert_eq!(status.code(), Some(64), "{cmd}: stderr: {err}");
+        assert_eq!(out, "", "{cmd}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "{cmd}: {err}");
+        assert_eq!(lines[0], format!("gangway: {f}: 1 problem in config"));
+        let prefix = format!("  {f}:5:5: ");
+        assert!(lines[1].starts_with(&prefix), "{cmd}: {err}");
+        assert!(
+            lines[1].contains("duplicate mapping key: hosts"),
+            "{cmd}: {err}"
+        );
+    }
+}
+
+/// The key path of a duplicate key must be the duplicated key itself.
+#[test]
+fn check_names_the_duplicate_key_path() {
+    let f = fixture("duplicate_key.yaml");
+    let (status, _, err) = run_to_end(gangway(&["check", "-c", &f]), QUICK);
+    assert_eq!(status.code(), Some(64), "stderr: {err}");
+    let line = err.lines().nth(1).unwrap_or_default().to_owned();
+    let prefix = format!("  {f}:5:5: sites[0].hosts: duplicate mapping key: hosts");
+    assert!(line.starts_with(&prefix), "got: {line}\nwant: {prefix}…");
+}
+
+#[test]
+fn run_fails_when_the_listen_address_is_taken() {
+    let taken = StdListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("taken.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen:\n  http: {addr}\nsites:\n  - hosts: [\"*\"]\n    upstreams: [127.0.0.1:9]\n"
+        ),
+    )
+    .expect("write config");
+    let (status, _, err) = run_to_end(gangway(&["run", "-c", path.to_str().unwrap()]), QUICK);
+    assert_eq!(status.code(), Some(1), "stderr: {err}");
+    let prefix = format!("gangway: cannot listen on {addr}: ");
+    assert!(err.starts_with(&prefix), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "stderr: {err}");
+    drop(taken);
+}
+
+// ---------------------------------------------------------------------------------------
+// check on a valid config
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn check_prints_sites_routes_and_replicas() {
+    let f = fixture("valid.yaml");
+    let (status, out, err) = run_to_end(gangway(&["check", "-c", &f]), QUICK);
+    assert_eq!(status.code(), Some(0), "stderr: {err}");
+    assert_eq!(err, "");
+    let want = format!(
+        "{f}: config OK
+listen http 127.0.0.1:18080
+trusted_proxies 10.0.0.0/8, 192.168.1.7/32
+site app.example.com, *.app.example.com
+  route /
+    127.0.0.1:8001 -> 127.0.0.1:8001
+    127.0.0.1:8002 -> 127.0.0.1:8002
+site api.example.com
+  route /v1/ (strip prefix)
+    [::1]:8004 -> [::1]:8004
+  route /
+    127.0.0.1:8003 -> 127.0.0.1:8003
+site *
+  route /
+    127.0.0.1:8005 -> 127.0.0.1:8005
+"
+    );
+    assert_eq!(out, want);
+}
+
+#[test]
+fn check_reports_an_unreadable_file() {
+    let (status, out, err) = run_to_end(
+        gangway(&["check", "-c", "tests/fixtures/does-not-exist.yaml"]),
+        QUICK,
+    );
+    assert_eq!(status.code(), Some(64));
+    assert_eq!(out, "");
+    let mut lines = err.lines();
+    assert_eq!(
+        lines.next(),
+        Some("gangway: tests/fixtures/does-not-exist.yaml: 1 problem in config")
+    );
+    let second = lines.next().unwrap_or_default();
+    assert!(
+        second.starts_with("  tests/fixtures/does-not-exist.yaml: cannot read: "),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// run: SIGTERM drains
+// ---------------------------------------------------------------------------------------
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    let l = StdListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// One GET on a fresh connection; errors instead of panicking.
+async fn try_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, "app.test")
+        .body(Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// `gangway run` over `up` on a port picked just before spawning; retried on a new port if
+/// another process took it first. Returns once the proxy answers through to `up`.
+async fn start_proxy(up: &Upstream, grace: &str) -> (Proc, SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gangway.yaml");
+    for attempt in 1..=5 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        std::fs::write(
+            &path,
+            format!(
+                "listen: {{http: {addr}}}\ntimeouts: {{grace: {grace}}}\naccess_log: off\n\
+                 sites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
+                up.addr
+            ),
+        )
+        .expect("write config");
+        let mut proc = Proc::spawn(gangway(&["run", "-c", path.to_str().unwrap()]));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = proc.exited() {
+                let err = proc.stderr();
+                assert!(
+                    status.code() == Some(1) && err.contains("cannot listen on"),
+                    "gangway exited during startup with {status}: {err}"
+                );
+                eprintln!("attempt {attempt}: port {addr} was taken, retrying");
+                break;
+            }
+            if let Ok((200, body)) = try_get(addr, "/").await
+                && body == up.name
+            {
+                return (proc, addr, dir);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gangway did not answer on {addr}: stderr: {}",
+                proc.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    panic!("could not start gangway on a free port in 5 attempts");
+}
+
+/// Polls until `up` has received a request for `path`.
+async fn until_upstream_saw(up: &Upstream, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !up.seen.lock().unwrap().iter().any(|s| s.path == path) {
+        assert!(Instant::now() < deadline, "upstream never received {path}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls until a new connection to `addr` is refused.
+async fn until_refused(addr: SocketAddr, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_request_in_flight_then_exits_0() {
+    let up = Upstream::start("drain-upstream").await;
+    let (mut proc, addr, _dir) = start_proxy(&up, "5s").await;
+
+    let slow = tokio::spawn(try_get(addr, "/slow?ms=1500"));
+    until_upstream_saw(&up, "/slow?ms=1500").await;
+    let signalled = Instant::now();
+    proc.sigterm();
+
+    assert!(
+        until_refused(addr, Duration::from_secs(5)).await,
+        "new connections still accepted after SIGTERM"
+    );
+    assert!(
+        !slow.is_finished(),
+        "the slow request ended before the listener closed"
+    );
+
+    let got = tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .expect("slow request finished")
+        .expect("task");
+    assert_eq!(got, Ok((200, "drain-upstream".to_owned())));
+
+    let status = proc
+        .wait_until_async(Duration::from_secs(5) + Duration::from_millis(500))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "gangway still running {:?} after SIGTERM",
+                signalled.elapsed()
+            )
+        });
+    assert_eq!(status.code(), Some(0), "stderr: {}", proc.stderr());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "exit took {:?}, longer than the 5 s grace although the request ended at ~1.5 s",
+        signalled.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_cuts_requests_still_running_after_the_grace_period() {
+    let up = Upstream::start("cut-upstream").await;
+    let (mut proc, addr, _dir) = start_proxy(&up, "1s").await;
+
+    let slow = tokio::spawn(try_get(addr, "/slow?ms=5000"));
+    until_upstream_saw(&up, "/slow?ms=5000").await;
+    let signalled = Instant::now();
+    proc.sigterm();
+
+    let status = proc
+        .wait_until_async(Duration::from_secs(3))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "gangway still running {:?} after SIGTERM",
+                signalled.elapsed()
+            )
+        });
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "stderr: {}", proc.stderr());
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}: the 1 s grace was not given to the request in flight"
+    );
+    assert!(took < Duration::from_millis(2500), "exited after {took:?}");
+
+    let got = tokio::time::timeout(Duration::from_secs(5), slow)
+        .await
+        .expect("the cut request ended")
+        .expect("task");
+    assert!(got.is_err(), "request should have been cut, got {got:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// demo
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn demo_shows_round_robin_over_three_replicas_and_stops_on_sigterm() {
+    let mut proc = Proc::spawn_piped(gangway(&["demo", "--listen", "127.0.0.1:0"]));
+    let stdout = proc.child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen_lines = Vec::new();
+    let line = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.starts_with("round robin,") => break l,
+            Ok(l) => seen_lines.push(l),
+            Err(e) => panic!("no `round robin,` line ({e}); stdout so far: {seen_lines:#?}"),
+        }
+    };
+
+    let (head, names) = line
+        .split_once(": ")
+        .expect("`round robin, N requests: ...`");
+    assert_eq!(head, "round robin, 6 requests");
+    let names: Vec<&str> = names.split(' ').collect();
+    assert_eq!(names.len(), 6, "{line}");
+    for r in ["replica-1", "replica-2", "replica-3"] {
+        assert_eq!(
+            names.iter().filter(|n| **n == r).count(),
+            2,
+            "{r} twice: {line}"
+        );
+    }
+    assert!(
+        names.windows(2).all(|w| w[0] != w[1]),
+        "consecutive requests went to the same replica: {line}"
+    );
+
+    proc.sigterm();
+    let status = proc
+        .wait_until(Duration::from_secs(15))
+        .expect("demo still running after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------
+// shipped configs
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let dir = Path::new(MANIFEST_DIR).join("config");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return; // no config/ directory: nothing shipped
+    };
+    let mut failures = Vec::new();
+    for entry in entries {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            if let Err(e) = gangway::config::Config::load(&path) {
+                failures.push(e.to_string());
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.concat());
+}
