@@ -76,12 +76,22 @@ pub async fn start_replicas(n: usize, stop: &CancellationToken) -> io::Result<Ve
     Ok(addrs)
 }
 
-/// The demo's config: one catch-all site over the replicas.
-pub fn config_yaml(listen: SocketAddr, replicas: &[SocketAddr]) -> String {
+/// The demo's config: `localhost` over HTTPS with a certificate from gangway's local CA
+/// (plain-HTTP requests for it are redirected), and every other host over plain HTTP, both
+/// in front of the same replicas.
+pub fn config_yaml(
+    http: SocketAddr,
+    https: SocketAddr,
+    storage: &std::path::Path,
+    replicas: &[SocketAddr],
+) -> String {
     let ups: Vec<String> = replicas.iter().map(|a| a.to_string()).collect();
+    let ups = ups.join(", ");
     format!(
-        "listen:\n  http: {listen}\nsites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
-        ups.join(", ")
+        "listen:\n  http: {http}\n  https: {https}\nstorage: \"{}\"\nsites:\n  \
+         - hosts: [localhost]\n    tls: internal\n    upstreams: [{ups}]\n  \
+         - hosts: [\"*\"]\n    tls: none\n    upstreams: [{ups}]\n",
+        storage.display()
     )
 }
 

@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use gangway::config::{AccessLog, Config, ConfigError};
+use gangway::config::{AccessLog, Config, ConfigError, TlsMode, UpstreamProtocol};
 use gangway::server::Listeners;
 use gangway::upstream::resolve::{Resolve, SystemResolver};
 use std::net::SocketAddr;
@@ -50,9 +50,15 @@ enum Command {
     },
     /// Start the proxy in front of three built-in demo replicas.
     Demo {
-        /// Where the demo proxy listens.
+        /// Where the demo proxy listens for plain HTTP.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Where it listens for HTTPS (`localhost`, certificate from the local CA).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        https: SocketAddr,
+        /// Where the demo keeps its local CA [default: ~/.local/share/gangway-demo].
+        #[arg(long)]
+        storage: Option<PathBuf>,
         /// How many demo replicas to start.
         #[arg(long, default_value_t = 3)]
         replicas: usize,
@@ -76,7 +82,12 @@ fn main() -> ExitCode {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
             Command::CaCert { config } => ca_cert(config),
-            Command::Demo { listen, replicas } => demo(listen, replicas).await,
+            Command::Demo {
+                listen,
+                https,
+                storage,
+                replicas,
+            } => demo(listen, https, storage, replicas).await,
         }
     })
 }
@@ -158,7 +169,7 @@ fn ca_cert(path: PathBuf) -> ExitCode {
     };
     match gangway::tls::internal::LocalCa::load_or_create(&config.storage) {
         Ok(ca) => {
-            print!("{}", ca.root_pem());
+            emit(ca.root_pem());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -171,14 +182,25 @@ fn ca_cert(path: PathBuf) -> ExitCode {
     }
 }
 
+/// Writes to stdout, ignoring a closed pipe (`gangway check | head`).
+fn emit(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 async fn check(path: PathBuf) -> ExitCode {
+    use std::fmt::Write;
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
     let resolver = SystemResolver::new();
-    println!("{}: config OK", path.display());
-    println!("listen http {}", config.listen.http);
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: config OK", path.display());
+    let _ = writeln!(out, "listen http {}", config.listen.http);
+    if let Some(https) = config.listen.https {
+        let _ = writeln!(out, "listen https {https}");
+    }
     if !config.trusted_proxies.0.is_empty() {
         let nets: Vec<String> = config
             .trusted_proxies
@@ -186,18 +208,28 @@ async fn check(path: PathBuf) -> ExitCode {
             .iter()
             .map(|n| n.to_string())
             .collect();
-        println!("trusted_proxies {}", nets.join(", "));
+        let _ = writeln!(out, "trusted_proxies {}", nets.join(", "));
     }
     for site in &config.sites {
         let hosts: Vec<String> = site.hosts.iter().map(|h| h.to_string()).collect();
-        println!("site {}", hosts.join(", "));
+        let tls = match &site.tls {
+            TlsMode::None => String::new(),
+            TlsMode::Internal => " (tls: internal CA)".to_owned(),
+            TlsMode::Files { cert, .. } => format!(" (tls: {})", cert.display()),
+        };
+        let _ = writeln!(out, "site {}{tls}", hosts.join(", "));
         for route in &site.routes {
             let strip = if route.strip_prefix {
                 " (strip prefix)"
             } else {
                 ""
             };
-            println!("  route {}{strip}", route.path);
+            let h2c = if route.upstream_protocol == UpstreamProtocol::H2c {
+                " (h2c)"
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "  route {}{strip}{h2c}", route.path);
             for up in &route.upstreams {
                 let lookup = tokio::time::timeout(
                     Duration::from_secs(3),
@@ -216,16 +248,26 @@ async fn check(path: PathBuf) -> ExitCode {
                     Ok(Err(e)) => format!("does not resolve yet: {e} (503 until it does)"),
                     Err(_) => "DNS timed out (503 until it resolves)".to_owned(),
                 };
-                println!("    {up} -> {replicas}");
+                let _ = writeln!(out, "    {up} -> {replicas}");
             }
         }
     }
+    emit(&out);
     ExitCode::SUCCESS
 }
 
-async fn demo(listen: SocketAddr, n: usize) -> ExitCode {
+async fn demo(
+    listen: SocketAddr,
+    https: SocketAddr,
+    storage: Option<PathBuf>,
+    n: usize,
+) -> ExitCode {
     init_logging(AccessLog::Text);
     let stop = shutdown_on_signal();
+    let storage = storage.unwrap_or_else(|| match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/gangway-demo"),
+        None => std::env::temp_dir().join("gangway-demo"),
+    });
     let replicas = match gangway::demo::start_replicas(n.max(1), &stop).await {
         Ok(r) => r,
         Err(e) => {
@@ -233,24 +275,38 @@ async fn demo(listen: SocketAddr, n: usize) -> ExitCode {
             return ExitCode::from(EX_START);
         }
     };
-    let listener = match TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "gangway demo: cannot listen on {listen}: {e}\n  try: gangway demo --listen 127.0.0.1:8081"
-            );
-            return ExitCode::from(EX_START);
+    let mut listeners = Vec::new();
+    for (addr, flag) in [(listen, "--listen"), (https, "--https")] {
+        match TcpListener::bind(addr).await {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                eprintln!(
+                    "gangway demo: cannot listen on {addr}: {e}\n  choose another address with {flag}"
+                );
+                return ExitCode::from(EX_START);
+            }
         }
+    }
+    let https_listener = listeners.pop();
+    let Some(http_listener) = listeners.pop() else {
+        return ExitCode::from(EX_START);
     };
-    let addr = listener.local_addr().unwrap_or(listen);
-    let yaml = gangway::demo::config_yaml(addr, &replicas);
+    let addr = http_listener.local_addr().unwrap_or(listen);
+    let https_addr = https_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .unwrap_or(https);
+    let yaml = gangway::demo::config_yaml(addr, https_addr, &storage, &replicas);
     let config = match Config::parse(&yaml, "<demo>") {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
     let server = tokio::spawn(gangway::server::run(
         config,
-        Listeners::http_only(listener),
+        Listeners {
+            http: http_listener,
+            https: https_listener,
+        },
         Arc::new(SystemResolver::new()),
         stop.clone(),
     ));
@@ -276,7 +332,14 @@ async fn demo(listen: SocketAddr, n: usize) -> ExitCode {
         }
     }
     println!("\nround robin, {} requests: {}", seen.len(), seen.join(" "));
-    println!("\ntry it:\n  curl -s http://{addr}/hello\n\nCtrl-C stops the demo.\n");
+    let root = gangway::tls::internal::LocalCa::dir(&storage).join("root.crt");
+    println!(
+        "\ntry it:\n  curl -s http://{addr}/hello\n  curl -s --cacert {} https://localhost:{}/hello\n\
+         (http://localhost:{} redirects to https; the local CA's root is {0})\n\nCtrl-C stops the demo.\n",
+        root.display(),
+        https_addr.port(),
+        addr.port()
+    );
     match server.await {
         Ok(Ok(())) => ExitCode::SUCCESS,
         _ => ExitCode::from(EX_START),

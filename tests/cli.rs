@@ -492,7 +492,16 @@ async fn sigterm_cuts_requests_still_running_after_the_grace_period() {
 
 #[test]
 fn demo_shows_round_robin_over_three_replicas_and_stops_on_sigterm() {
-    let mut proc = Proc::spawn_piped(gangway(&["demo", "--listen", "127.0.0.1:0"]));
+    let storage = tempfile::tempdir().expect("tempdir");
+    let mut proc = Proc::spawn_piped(gangway(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--https",
+        "127.0.0.1:0",
+        "--storage",
+        storage.path().to_str().expect("utf-8 path"),
+    ]));
     let stdout = proc.child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -542,3 +542,89 @@ async fn h2c_upstreams_get_http2() {
         "one multiplexed connection"
     );
 }
+
+#[tokio::test]
+async fn sessions_resume() {
+    let s = setup().await;
+    let cfg = s.client(&[b"http/1.1"]);
+    let first = tls_connect(s.https(), "a.example.test", &cfg)
+        .await
+        .unwrap();
+    assert_eq!(get_over(first, "a.example.test", "/").await.status, 200);
+    let second = tls_connect(s.https(), "a.example.test", &cfg)
+        .await
+        .unwrap();
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+}
+
+#[tokio::test]
+async fn a_catch_all_site_with_a_certificate_answers_unknown_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let leaf = ca.issue("any", &["fallback.example.test"]);
+    let up = Upstream::start("fallback").await;
+    let yaml = format!(
+        "listen: {{https: 127.0.0.1:0}}\nsites:\n  - hosts: [\"*\"]\n    tls: {{cert: {}, key: {}}}\n    upstreams: [{}]\n",
+        ca.path("any.pem"),
+        ca.path("any.key"),
+        up.addr
+    );
+    let gw = Gangway::start(&yaml).await;
+    // The client accepts the certificate for this test (it does not match the name).
+    #[derive(Debug)]
+    struct AcceptAny;
+    impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let cfg = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_no_client_auth(),
+    );
+    let stream = tls_connect(gw.https_addr.unwrap(), "whatever.example.test", &cfg)
+        .await
+        .unwrap();
+    assert_eq!(served_leaf(&stream), leaf);
+    assert_eq!(
+        get_over(stream, "whatever.example.test", "/").await.text(),
+        "fallback"
+    );
+}
