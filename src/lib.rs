@@ -4,6 +4,7 @@
 //! binary reads files, sets up logging and maps errors to exit codes.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod config;
 pub mod demo;
 pub mod proxy;

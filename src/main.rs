@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use gangway::config::{AccessLog, Config, ConfigError, TlsMode, UpstreamProtocol};
-use gangway::server::Listeners;
+use gangway::server::{Listeners, ReloadSource};
 use gangway::upstream::resolve::{Resolve, SystemResolver};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +48,12 @@ enum Command {
         #[arg(short, long, default_value = "config/gangway.yaml")]
         config: PathBuf,
     },
+    /// List every certificate obtained over ACME: names, issuer, expiry, next renewal and
+    /// last error (read from storage; the CA is not contacted).
+    Certs {
+        #[arg(short, long, default_value = "config/gangway.yaml")]
+        config: PathBuf,
+    },
     /// Start the proxy in front of three built-in demo replicas.
     Demo {
         /// Where the demo proxy listens for plain HTTP.
@@ -82,6 +88,7 @@ fn main() -> ExitCode {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
             Command::CaCert { config } => ca_cert(config),
+            Command::Certs { config } => certs(config),
             Command::Demo {
                 listen,
                 https,
@@ -138,6 +145,27 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// Notified on every SIGHUP.
+fn reload_on_sighup() -> Arc<tokio::sync::Notify> {
+    let notify = Arc::new(tokio::sync::Notify::new());
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                let n = Arc::clone(&notify);
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        n.notify_one();
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch SIGHUP; reload by editing the file"),
+        }
+    }
+    notify
+}
+
 async fn run(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -153,7 +181,13 @@ async fn run(path: PathBuf) -> ExitCode {
     };
     let shutdown = shutdown_on_signal();
     let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver::new());
-    match gangway::server::run(config, listeners, resolver, shutdown).await {
+    let reload = ReloadSource {
+        path,
+        trigger: reload_on_sighup(),
+    };
+    match gangway::server::run_with_reload(config, listeners, resolver, shutdown, Some(reload))
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gangway: {e}");
@@ -180,6 +214,56 @@ fn ca_cert(path: PathBuf) -> ExitCode {
             ExitCode::from(EX_START)
         }
     }
+}
+
+/// `gangway certs`: one block per ACME certificate, from storage.
+fn certs(path: PathBuf) -> ExitCode {
+    use std::fmt::Write;
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let Some(acme) = &config.acme else {
+        emit("no acme: block in this config; no certificates are managed over ACME\n");
+        return ExitCode::SUCCESS;
+    };
+    let when = |t: std::time::SystemTime| httpdate::fmt_http_date(t);
+    let mut out = String::new();
+    let _ = writeln!(out, "directory {}", acme.directory);
+    let reports = gangway::acme::report(&config);
+    if reports.is_empty() {
+        let _ = writeln!(out, "no site uses tls: acme");
+    }
+    for r in reports {
+        let _ = writeln!(out, "{}: {}", r.names.join(", "), r.state);
+        if let Some(issuer) = &r.issuer {
+            let _ = writeln!(out, "  issuer        {issuer}");
+        }
+        if let Some(serial) = &r.serial {
+            let _ = writeln!(out, "  serial        {serial}");
+        }
+        if let Some(t) = r.not_after {
+            let _ = writeln!(out, "  expires       {}", when(t));
+        }
+        if let Some(t) = r.next_renewal {
+            let how = if r.renewal_from_ari {
+                "CA's renewal window"
+            } else {
+                "two thirds of the lifetime"
+            };
+            let _ = writeln!(out, "  next renewal  {} ({how})", when(t));
+        }
+        let _ = writeln!(
+            out,
+            "  last error    {}",
+            r.last_error.as_deref().unwrap_or("none")
+        );
+        if let (Some(_), Some(t)) = (&r.last_error, r.next_attempt) {
+            let _ = writeln!(out, "  next attempt  {}", when(t));
+        }
+    }
+    emit(&out);
+    ExitCode::SUCCESS
 }
 
 /// Writes to stdout, ignoring a closed pipe (`gangway check | head`).
@@ -216,6 +300,7 @@ async fn check(path: PathBuf) -> ExitCode {
             TlsMode::None => String::new(),
             TlsMode::Internal => " (tls: internal CA)".to_owned(),
             TlsMode::Files { cert, .. } => format!(" (tls: {})", cert.display()),
+            TlsMode::Acme => " (tls: acme)".to_owned(),
         };
         let _ = writeln!(out, "site {}{tls}", hosts.join(", "));
         for route in &site.routes {

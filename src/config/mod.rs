@@ -30,7 +30,47 @@ pub struct Config {
     pub storage: PathBuf,
     /// `Strict-Transport-Security` value for HTTPS responses, when configured.
     pub hsts: Option<http::HeaderValue>,
+    /// Automatic certificates, when the config has an `acme:` block.
+    pub acme: Option<AcmeConfig>,
     pub sites: Vec<Site>,
+}
+
+/// The `acme:` block: where and how `tls: acme` sites get their certificates.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// Contact address given to the CA (optional for most CAs).
+    pub email: Option<String>,
+    /// The directory URL (`letsencrypt` and friends already expanded).
+    pub directory: String,
+    /// The challenge tried first; the other one is tried when it fails.
+    pub challenge: AcmeChallenge,
+    /// Account, certificates, locks and challenge responses live in `<storage>/acme/`.
+    pub storage: PathBuf,
+    /// An extra root trusted for the directory's own HTTPS (private CA, pebble).
+    pub directory_ca: Option<PathBuf>,
+    pub eab: Option<AcmeEab>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// RFC 8737, answered on the https listener.
+    TlsAlpn01,
+    /// RFC 8555 §8.3, answered on the http listener.
+    Http01,
+}
+
+/// External account binding (RFC 8555 §7.3.4).
+#[derive(Clone)]
+pub struct AcmeEab {
+    pub kid: String,
+    /// The decoded MAC key.
+    pub hmac_key: Vec<u8>,
+}
+
+impl fmt::Debug for AcmeEab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "eab(kid {}, key hidden)", self.kid)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +93,8 @@ pub enum TlsMode {
         /// As loaded and checked at validation.
         loaded: Arc<CertifiedKey>,
     },
+    /// Obtained and renewed over ACME (see the `acme:` block).
+    Acme,
 }
 
 impl fmt::Debug for TlsMode {
@@ -63,6 +105,7 @@ impl fmt::Debug for TlsMode {
             TlsMode::Files { cert, key, .. } => {
                 write!(f, "files({}, {})", cert.display(), key.display())
             }
+            TlsMode::Acme => f.write_str("acme"),
         }
     }
 }
@@ -171,6 +214,76 @@ pub struct Route {
     pub strip_prefix: bool,
     pub upstreams: Vec<UpstreamAddr>,
     pub upstream_protocol: UpstreamProtocol,
+    pub policy: Policy,
+}
+
+/// How a route spreads requests over its replicas and copes with failing ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub balance: Balance,
+    /// Weight of each entry of `upstreams` (same order); every replica a name resolves to
+    /// gets its entry's weight. All 1 unless `weights` says otherwise.
+    pub weights: Vec<u32>,
+    pub health: Option<HealthCheck>,
+    /// `None` when `passive.failures` is 0.
+    pub passive: Option<Passive>,
+    pub retries: Retries,
+    pub resolve_every: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastConn,
+    /// Power of two random choices, by in-flight requests.
+    Random,
+    /// Rendezvous hash of the client address.
+    IpHash,
+    /// Sticky by an opaque cookie naming the replica.
+    Cookie,
+}
+
+/// Active HTTP health check of every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+    /// Inclusive range of statuses that count as healthy.
+    pub expect: (u16, u16),
+}
+
+/// Passive health: failures seen on real traffic take a replica out for a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Passive {
+    /// Consecutive failures (connect errors, resets, 502/503/504) that take it out.
+    pub failures: u32,
+    /// First time out; doubled at each relapse, up to 16 times.
+    pub cooldown: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retries {
+    /// How many times a request may be sent in all (first try included).
+    pub attempts: u32,
+    /// Methods retried after a failure once the request was sent (bodiless requests only);
+    /// a replica that cannot be connected to is always skipped, whatever the method.
+    pub methods: Vec<http::Method>,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries {
+            attempts: 2,
+            methods: ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
+                .iter()
+                .filter_map(|m| m.parse().ok())
+                .collect(),
+        }
+    }
 }
 
 /// `name:port` as written; the name may resolve to many replica addresses.

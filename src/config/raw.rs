@@ -18,8 +18,27 @@ pub struct RawConfig {
     pub access_log: Option<String>,
     pub storage: Option<String>,
     pub hsts: Option<RawHsts>,
+    pub acme: Option<RawAcme>,
     #[serde(default)]
     pub sites: Vec<RawSite>,
+}
+
+/// The `acme:` block (automatic certificates).
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAcme {
+    pub email: Option<String>,
+    pub directory: Option<String>,
+    pub challenge: Option<String>,
+    pub storage: Option<String>,
+    pub directory_ca: Option<String>,
+    pub eab: Option<RawEab>,
+}
+
+/// External account binding: `{kid, hmac_key}`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawEab {
+    pub kid: Option<String>,
+    pub hmac_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +71,35 @@ pub struct RawSite {
     pub upstream_protocol: Option<String>,
     pub routes: Option<Vec<RawRoute>>,
     pub tls: Option<RawTls>,
+    // Balancing options of the `upstreams` shorthand (with `routes`, set them per route).
+    pub balance: Option<String>,
+    pub weights: Option<std::collections::BTreeMap<String, u32>>,
+    pub health: Option<RawHealth>,
+    pub passive: Option<RawPassive>,
+    pub retries: Option<RawRetries>,
+    pub resolve_every: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawHealth {
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_after: Option<u32>,
+    pub unhealthy_after: Option<u32>,
+    pub expect_status: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawPassive {
+    pub failures: Option<u32>,
+    pub cooldown: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRetries {
+    pub attempts: Option<u32>,
+    pub methods: Option<Vec<String>>,
 }
 
 /// `tls: acme | internal | none` or `tls: {cert: FILE, key: FILE}`.
@@ -104,4 +152,10 @@ pub struct RawRoute {
     #[serde(default)]
     pub upstreams: Vec<String>,
     pub upstream_protocol: Option<String>,
+    pub balance: Option<String>,
+    pub weights: Option<std::collections::BTreeMap<String, u32>>,
+    pub health: Option<RawHealth>,
+    pub passive: Option<RawPassive>,
+    pub retries: Option<RawRetries>,
+    pub resolve_every: Option<String>,
 }

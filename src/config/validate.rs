@@ -9,6 +9,8 @@ use std::collections::HashMap;
 struct Checker<'a> {
     loc: &'a Locator,
     issues: Vec<Issue>,
+    /// The top-level `resolve_every`, the default of each route's.
+    resolve_every: Duration,
 }
 
 impl Checker<'_> {
@@ -171,6 +173,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Issue>> {
     let mut c = Checker {
         loc: &loc,
         issues: Vec::new(),
+        resolve_every: Duration::from_secs(5),
     };
     for path in &unknown {
         let pos = loc.key(path);
@@ -286,6 +289,7 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         raw.resolve_every.as_deref(),
         Duration::from_secs(5),
     );
+    c.resolve_every = resolve_every;
     let access_log = match raw.access_log.as_deref() {
         None | Some("text") => AccessLog::Text,
         Some("json") => AccessLog::Json,
@@ -320,10 +324,20 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
             message: "expected at least one site".into(),
         });
     }
+    let acme = raw
+        .acme
+        .map(|a| check_acme(c, a, &storage, https.is_some()));
     let mut seen_hosts: HashMap<HostPattern, usize> = HashMap::new();
     let mut sites = Vec::new();
     for (i, site) in raw.sites.into_iter().enumerate() {
-        sites.push(check_site(c, i, site, &mut seen_hosts, https.is_some()));
+        sites.push(check_site(
+            c,
+            i,
+            site,
+            &mut seen_hosts,
+            https.is_some(),
+            acme.is_some(),
+        ));
     }
 
     Config {
@@ -334,6 +348,7 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         access_log,
         storage,
         hsts,
+        acme,
         sites,
     }
 }
@@ -348,6 +363,7 @@ fn check_site(
     site: RawSite,
     seen_hosts: &mut HashMap<HostPattern, usize>,
     https: bool,
+    acme: bool,
 ) -> Site {
     let base = format!("sites[{i}]");
     if site.hosts.is_empty() {
@@ -375,9 +391,18 @@ fn check_site(
         }
     }
 
-    let tls = check_tls(c, &base, site.tls, &hosts, https);
+    let tls = check_tls(c, &base, site.tls, &hosts, https, acme);
     let site_protocol = site.upstream_protocol;
     let mut routes = Vec::new();
+    let shorthand_only = [
+        ("upstream_protocol", site_protocol.is_some()),
+        ("balance", site.balance.is_some()),
+        ("weights", site.weights.is_some()),
+        ("health", site.health.is_some()),
+        ("passive", site.passive.is_some()),
+        ("retries", site.retries.is_some()),
+        ("resolve_every", site.resolve_every.is_some()),
+    ];
     match (site.upstreams, site.routes) {
         (Some(_), Some(_)) => c.bad(
             &base,
@@ -390,15 +415,23 @@ fn check_site(
                 strip_prefix: false,
                 upstreams: ups,
                 upstream_protocol: site_protocol,
+                balance: site.balance,
+                weights: site.weights,
+                health: site.health,
+                passive: site.passive,
+                retries: site.retries,
+                resolve_every: site.resolve_every,
             };
             routes.push(check_route(c, &base, &format!("{base}.upstreams"), raw));
         }
         (None, Some(raw_routes)) => {
-            if site_protocol.is_some() {
-                c.bad(
-                    &format!("{base}.upstream_protocol"),
-                    "with `routes`, set upstream_protocol on each route",
-                );
+            for (key, set) in shorthand_only {
+                if set {
+                    c.bad(
+                        &format!("{base}.{key}"),
+                        format!("with `routes`, set {key} on each route"),
+                    );
+                }
             }
             if raw_routes.is_empty() {
                 c.bad(&format!("{base}.routes"), "expected at least one route");
@@ -438,21 +471,194 @@ fn is_local_name(host: &HostPattern) -> bool {
             .any(|suffix| name.ends_with(suffix) || name == &suffix[1..])
 }
 
+/// Why ACME (HTTP-01/TLS-ALPN-01) cannot issue a certificate for these hosts, if it cannot.
+fn acme_cannot_issue(hosts: &[HostPattern]) -> Option<String> {
+    hosts.iter().find_map(|h| match h {
+        HostPattern::Any => {
+            Some("ACME cannot issue a certificate for `*`: list the site's names".to_owned())
+        }
+        HostPattern::Suffix(_) => Some(format!(
+            "ACME cannot issue a certificate for {h} (wildcards need DNS-01, which gangway \
+             does not do): list the names"
+        )),
+        HostPattern::Exact(n) if n.parse::<IpAddr>().is_ok() => Some(format!(
+            "ACME certificates for IP addresses ({n}) are not supported: use tls: internal"
+        )),
+        HostPattern::Exact(_) => None,
+    })
+}
+
+/// Well-known ACME directories by short name.
+const ACME_DIRECTORIES: [(&str, &str); 3] = [
+    (
+        "letsencrypt",
+        "https://acme-v02.api.letsencrypt.org/directory",
+    ),
+    (
+        "letsencrypt-staging",
+        "https://acme-staging-v02.api.letsencrypt.org/directory",
+    ),
+    ("zerossl", "https://acme.zerossl.com/v2/DV90"),
+];
+
+fn check_acme(
+    c: &mut Checker<'_>,
+    raw: super::raw::RawAcme,
+    storage: &Path,
+    https: bool,
+) -> AcmeConfig {
+    use base64::Engine;
+    if !https {
+        c.bad(
+            "acme",
+            "ACME certificates are served on the https listener: set listen.https (e.g. 0.0.0.0:443)",
+        );
+    }
+    let email = raw.email.and_then(|e| {
+        let e = e.trim().trim_start_matches("mailto:").to_owned();
+        let ok = e.split_once('@').is_some_and(|(user, domain)| {
+            !user.is_empty() && domain.contains('.') && !domain.starts_with('.')
+        }) && !e.contains(|ch: char| ch.is_whitespace() || ch == ',');
+        if ok {
+            Some(e)
+        } else {
+            c.bad(
+                "acme.email",
+                format!("expected an email address such as ops@example.com, found {e:?}"),
+            );
+            None
+        }
+    });
+    let name = raw.directory.as_deref().unwrap_or("letsencrypt").trim();
+    let directory = match ACME_DIRECTORIES.iter().find(|(n, _)| *n == name) {
+        Some((_, url)) => (*url).to_owned(),
+        None if name.starts_with("https://")
+            && name
+                .parse::<http::Uri>()
+                .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty())) =>
+        {
+            name.to_owned()
+        }
+        None => {
+            c.bad(
+                "acme.directory",
+                format!(
+                    "expected letsencrypt, letsencrypt-staging, zerossl or an https:// \
+                     directory URL, found {name:?}"
+                ),
+            );
+            String::new()
+        }
+    };
+    let challenge = match raw.challenge.as_deref() {
+        None | Some("tls-alpn-01") => AcmeChallenge::TlsAlpn01,
+        Some("http-01") => AcmeChallenge::Http01,
+        Some(other) => {
+            c.bad(
+                "acme.challenge",
+                format!("expected tls-alpn-01 or http-01, found {other:?}"),
+            );
+            AcmeChallenge::TlsAlpn01
+        }
+    };
+    let directory_ca = raw.directory_ca.map(PathBuf::from).filter(|p| {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let certs = CertificateDer::pem_file_iter(p)
+            .map(|it| it.filter_map(Result::ok).count())
+            .map_err(|e| format!("{e:?}"));
+        match certs {
+            Ok(n) if n > 0 => true,
+            Ok(_) => {
+                c.bad(
+                    "acme.directory_ca",
+                    format!("{}: no CERTIFICATE block found", p.display()),
+                );
+                false
+            }
+            Err(e) => {
+                c.bad(
+                    "acme.directory_ca",
+                    format!("{}: cannot read a PEM certificate: {e}", p.display()),
+                );
+                false
+            }
+        }
+    });
+    let eab = raw.eab.and_then(|e| {
+        let (Some(kid), Some(key)) = (e.kid, e.hmac_key) else {
+            c.bad(
+                "acme.eab",
+                "expected both kid and hmac_key (as given by the CA)",
+            );
+            return None;
+        };
+        let key = key.trim().trim_end_matches('=');
+        let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(key)
+            .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(key));
+        match decoded {
+            Ok(hmac_key) if !hmac_key.is_empty() => Some(AcmeEab { kid, hmac_key }),
+            _ => {
+                c.bad(
+                    "acme.eab.hmac_key",
+                    "expected the base64url key given by the CA",
+                );
+                None
+            }
+        }
+    });
+    if name == "zerossl" && eab.is_none() {
+        c.bad(
+            "acme",
+            "ZeroSSL needs external account binding: add eab: {kid: ..., hmac_key: ...} \
+             from the ZeroSSL dashboard",
+        );
+    }
+    AcmeConfig {
+        email,
+        directory,
+        challenge,
+        storage: raw
+            .storage
+            .map(PathBuf::from)
+            .unwrap_or_else(|| storage.to_owned()),
+        directory_ca,
+        eab,
+    }
+}
+
 fn check_tls(
     c: &mut Checker<'_>,
     base: &str,
     raw: Option<RawTls>,
     hosts: &[HostPattern],
     https: bool,
+    acme: bool,
 ) -> TlsMode {
     let path = format!("{base}.tls");
     let mode = match raw {
         None if !https => return TlsMode::None,
         None if !hosts.is_empty() && hosts.iter().all(is_local_name) => TlsMode::Internal,
+        None if acme => {
+            if let Some(why) = acme_cannot_issue(hosts) {
+                c.bad(
+                    base,
+                    format!(
+                        "{why}: give this site tls: {{cert: FILE, key: FILE}}, tls: internal \
+                         or tls: none"
+                    ),
+                );
+                return TlsMode::None;
+            }
+            TlsMode::Acme
+        }
         None => {
             c.bad(
                 base,
-                "with an https listener every site needs a certificate source: add tls: internal,                  tls: {cert: FILE, key: FILE}, or tls: none to serve it over plain HTTP only                  (ACME is not available yet)",
+                "with an https listener every site needs a certificate source: add an acme: \
+                 block (automatic certificates), tls: internal, tls: {cert: FILE, key: FILE}, \
+                 or tls: none to serve it over plain HTTP only",
             );
             return TlsMode::None;
         }
@@ -460,11 +666,19 @@ fn check_tls(
             "none" => return TlsMode::None,
             "internal" => TlsMode::Internal,
             "acme" => {
-                c.bad(
-                    &path,
-                    "ACME is not available yet: use internal or {cert, key} for now",
-                );
-                return TlsMode::None;
+                if !acme {
+                    c.bad(
+                        &path,
+                        "tls: acme needs an acme: block at the top level (at least \
+                         acme: {email: you@example.com})",
+                    );
+                    return TlsMode::None;
+                }
+                if let Some(why) = acme_cannot_issue(hosts) {
+                    c.bad(&path, why);
+                    return TlsMode::None;
+                }
+                TlsMode::Acme
             }
             other => {
                 c.bad(
@@ -514,7 +728,7 @@ fn check_tls(
 }
 
 fn check_route(c: &mut Checker<'_>, base: &str, ups_path: &str, raw: RawRoute) -> Route {
-    let path = match raw.path {
+    let path = match raw.path.clone() {
         None => {
             c.bad(base, "expected `path` (such as / or /api/)");
             "/".to_owned()
@@ -562,12 +776,186 @@ fn check_route(c: &mut Checker<'_>, base: &str, ups_path: &str, raw: RawRoute) -
             UpstreamProtocol::Http1
         }
     };
+    let policy = check_policy(c, base, &raw, &upstreams);
     Route {
         path,
         strip_prefix: raw.strip_prefix,
         upstreams,
         upstream_protocol,
+        policy,
     }
+}
+
+fn check_policy(
+    c: &mut Checker<'_>,
+    base: &str,
+    raw: &RawRoute,
+    upstreams: &[UpstreamAddr],
+) -> Policy {
+    let balance = match raw.balance.as_deref() {
+        None | Some("round_robin") => Balance::RoundRobin,
+        Some("least_conn") => Balance::LeastConn,
+        Some("random") => Balance::Random,
+        Some("ip_hash") => Balance::IpHash,
+        Some("cookie") => Balance::Cookie,
+        Some(other) => {
+            c.bad(
+                &format!("{base}.balance"),
+                format!(
+                    "expected one of round_robin, least_conn, random, ip_hash, cookie, found {other:?}"
+                ),
+            );
+            Balance::RoundRobin
+        }
+    };
+    let mut weights = vec![1u32; upstreams.len()];
+    for (name, weight) in raw.weights.iter().flatten() {
+        let path = format!("{base}.weights.{name}");
+        let parsed = parse_upstream(name).ok();
+        match parsed.and_then(|u| upstreams.iter().position(|x| *x == u)) {
+            Some(i) if *weight > 0 && *weight <= 1000 => weights[i] = *weight,
+            Some(_) => c.bad(&path, "expected a weight from 1 to 1000"),
+            None => c.bad(
+                &path,
+                format!("{name:?} is not one of this route's upstreams"),
+            ),
+        }
+    }
+    let health = raw.health.as_ref().map(|h| {
+        let hb = format!("{base}.health");
+        let path = match h.path.as_deref() {
+            Some(p) if p.starts_with('/') => p.to_owned(),
+            Some(p) => {
+                c.bad(
+                    &format!("{hb}.path"),
+                    format!("expected a path starting with /, found {p:?}"),
+                );
+                "/".to_owned()
+            }
+            None => {
+                c.bad(
+                    &hb,
+                    "expected `path`, the URL path to check (such as /health)",
+                );
+                "/".to_owned()
+            }
+        };
+        let interval = c.duration(
+            &format!("{hb}.interval"),
+            h.interval.as_deref(),
+            Duration::from_secs(2),
+        );
+        let timeout = c.duration(
+            &format!("{hb}.timeout"),
+            h.timeout.as_deref(),
+            Duration::from_secs(1),
+        );
+        let mut count = |key: &str, v: Option<u32>| match v {
+            None => 2,
+            Some(n) if (1..=100).contains(&n) => n,
+            Some(_) => {
+                c.bad(&format!("{hb}.{key}"), "expected a count from 1 to 100");
+                2
+            }
+        };
+        let healthy_after = count("healthy_after", h.healthy_after);
+        let unhealthy_after = count("unhealthy_after", h.unhealthy_after);
+        let expect = match h.expect_status.as_deref() {
+            None => (200, 399),
+            Some(text) => match parse_status_range(text) {
+                Some(r) => r,
+                None => {
+                    c.bad(
+                        &format!("{hb}.expect_status"),
+                        format!(
+                            "expected a status or range such as 200 or 200-399, found {text:?}"
+                        ),
+                    );
+                    (200, 399)
+                }
+            },
+        };
+        HealthCheck {
+            path,
+            interval,
+            timeout,
+            healthy_after,
+            unhealthy_after,
+            expect,
+        }
+    });
+    let passive = match &raw.passive {
+        None => Some(Passive {
+            failures: 3,
+            cooldown: Duration::from_secs(10),
+        }),
+        Some(p) => {
+            let cooldown = c.duration(
+                &format!("{base}.passive.cooldown"),
+                p.cooldown.as_deref(),
+                Duration::from_secs(10),
+            );
+            match p.failures {
+                Some(0) => None,
+                f => Some(Passive {
+                    failures: f.unwrap_or(3),
+                    cooldown,
+                }),
+            }
+        }
+    };
+    let mut retries = Retries::default();
+    if let Some(r) = &raw.retries {
+        match r.attempts {
+            Some(n) if (1..=10).contains(&n) => retries.attempts = n,
+            Some(_) => c.bad(
+                &format!("{base}.retries.attempts"),
+                "expected a number of tries from 1 (no retry) to 10",
+            ),
+            None => {}
+        }
+        if let Some(methods) = &r.methods {
+            retries.methods.clear();
+            for (i, m) in methods.iter().enumerate() {
+                match m.to_ascii_uppercase().parse::<http::Method>() {
+                    Ok(m) if m == http::Method::POST || m == http::Method::PATCH => c.bad(
+                        &format!("{base}.retries.methods[{i}]"),
+                        format!("{m} is not idempotent: retrying it could apply it twice"),
+                    ),
+                    Ok(m) => retries.methods.push(m),
+                    Err(_) => c.bad(
+                        &format!("{base}.retries.methods[{i}]"),
+                        format!("expected an HTTP method, found {m:?}"),
+                    ),
+                }
+            }
+        }
+    }
+    let resolve_every = c.duration(
+        &format!("{base}.resolve_every"),
+        raw.resolve_every.as_deref(),
+        c.resolve_every,
+    );
+    Policy {
+        balance,
+        weights,
+        health,
+        passive,
+        retries,
+        resolve_every,
+    }
+}
+
+/// `200`, `200-399`.
+fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match text.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let v: u16 = text.trim().parse().ok()?;
+            (v, v)
+        }
+    };
+    ((100..=599).contains(&lo) && (lo..=599).contains(&hi)).then_some((lo, hi))
 }
 
 // `Deserialize` is needed in scope for `serde_ignored::deserialize`'s bound.
@@ -696,5 +1084,90 @@ sites:
             parse("timeouts:\n  grace: 3\nsites:\n  - hosts: [\"*\"]\n    upstreams: [x:1]\n")
                 .expect("valid");
         assert_eq!(cfg.timeouts.grace, Duration::from_secs(3));
+    }
+
+    const HTTPS: &str = "listen:\n  https: 127.0.0.1:443\nstorage: /srv/gw\n";
+
+    #[test]
+    fn acme_block_defaults_and_site_default() {
+        let yaml = format!(
+            "{HTTPS}acme:\n  email: ops@example.com\nsites:\n  - hosts: [app.example.com]\n    upstreams: [x:1]\n  - hosts: [localhost]\n    upstreams: [x:1]\n"
+        );
+        let cfg = parse(&yaml).expect("valid");
+        let acme = cfg.acme.expect("acme");
+        assert_eq!(
+            acme.directory,
+            "https://acme-v02.api.letsencrypt.org/directory"
+        );
+        assert_eq!(acme.challenge, AcmeChallenge::TlsAlpn01);
+        assert_eq!(acme.storage, PathBuf::from("/srv/gw"));
+        assert_eq!(acme.email.as_deref(), Some("ops@example.com"));
+        // With an acme block, public names default to acme; local names stay internal.
+        assert!(matches!(cfg.sites[0].tls, TlsMode::Acme));
+        assert!(matches!(cfg.sites[1].tls, TlsMode::Internal));
+    }
+
+    #[test]
+    fn acme_block_every_key() {
+        let yaml = format!(
+            "{HTTPS}acme:\n  directory: zerossl\n  challenge: http-01\n  storage: /acme\n  eab: {{kid: k1, hmac_key: aGVsbG8td29ybGQ}}\nsites:\n  - hosts: [app.example.com]\n    tls: acme\n    upstreams: [x:1]\n"
+        );
+        let acme = parse(&yaml).expect("valid").acme.expect("acme");
+        assert_eq!(acme.directory, "https://acme.zerossl.com/v2/DV90");
+        assert_eq!(acme.challenge, AcmeChallenge::Http01);
+        assert_eq!(acme.storage, PathBuf::from("/acme"));
+        let eab = acme.eab.expect("eab");
+        assert_eq!(
+            (eab.kid.as_str(), eab.hmac_key.as_slice()),
+            ("k1", &b"hello-world"[..])
+        );
+        assert!(!format!("{eab:?}").contains("hello"));
+    }
+
+    #[test]
+    fn acme_problems_are_listed() {
+        let yaml = format!(
+            "{HTTPS}acme:\n  email: nobody\n  directory: http://ca.example/dir\n  challenge: dns-01\n  directory_ca: /nonexistent/ca.pem\n  eab: {{kid: k}}\nsites:\n  - hosts: [\"*.example.com\"]\n    tls: acme\n    upstreams: [x:1]\n  - hosts: [\"*\"]\n    upstreams: [x:1]\n  - hosts: [10.0.0.1]\n    tls: acme\n    upstreams: [x:1]\n"
+        );
+        let got = issues(&yaml).join("\n");
+        for expected in [
+            "acme.email: expected an email address",
+            "acme.directory: expected letsencrypt, letsencrypt-staging, zerossl or an https://",
+            "acme.challenge: expected tls-alpn-01 or http-01, found \"dns-01\"",
+            "acme.directory_ca: /nonexistent/ca.pem: cannot read",
+            "acme.eab: expected both kid and hmac_key",
+            "sites[0].tls: ACME cannot issue a certificate for *.example.com",
+            "sites[1]: ACME cannot issue a certificate for `*`",
+            "sites[2].tls: ACME certificates for IP addresses (10.0.0.1) are not supported",
+        ] {
+            assert!(got.contains(expected), "missing {expected:?} in\n{got}");
+        }
+    }
+
+    #[test]
+    fn tls_acme_needs_the_block_and_zerossl_needs_eab() {
+        let got = issues(&format!(
+            "{HTTPS}sites:\n  - hosts: [app.example.com]\n    tls: acme\n    upstreams: [x:1]\n  - hosts: [b.example.com]\n    upstreams: [x:1]\n"
+        ));
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].contains("sites[0].tls: tls: acme needs an acme: block"),
+            "{got:?}"
+        );
+        assert!(got[1].contains("sites[1]: with an https listener every site needs a certificate source: add an acme: block"), "{got:?}");
+        let got = issues(&format!(
+            "{HTTPS}acme:\n  directory: zerossl\nsites:\n  - hosts: [a.example.com]\n    upstreams: [x:1]\n"
+        ));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].contains("ZeroSSL needs external account binding"),
+            "{got:?}"
+        );
+        let got = issues("acme: {}\nsites:\n  - hosts: [a.example.com]\n    upstreams: [x:1]\n");
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].contains("acme: ACME certificates are served on the https listener"),
+            "{got:?}"
+        );
     }
 }

@@ -92,6 +92,28 @@ enum Inner {
 pub struct ProxyBody {
     inner: Inner,
     log: Option<Box<AccessRecord>>,
+    /// Counts this response in its replica's in-flight requests until it is done.
+    _in_flight: Option<InFlight>,
+}
+
+/// One request in flight on a replica (for least_conn and random); ends when dropped.
+pub struct InFlight(Arc<Replica>);
+
+impl InFlight {
+    pub fn new(replica: &Arc<Replica>) -> InFlight {
+        replica
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(Arc::clone(replica))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl ProxyBody {
@@ -99,10 +121,12 @@ impl ProxyBody {
         body: Incoming,
         conn: Option<(Sender, Arc<Replica>)>,
         log: Option<Box<AccessRecord>>,
+        in_flight: Option<InFlight>,
     ) -> Self {
         ProxyBody {
             inner: Inner::Upstream { body, conn },
             log,
+            _in_flight: in_flight,
         }
     }
 
@@ -114,6 +138,7 @@ impl ProxyBody {
         ProxyBody {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             log,
+            _in_flight: None,
         }
     }
 

@@ -4,15 +4,18 @@ pub mod body;
 pub mod headers;
 pub mod router;
 
-use crate::config::{AccessLog, Config, Timeouts, TrustedProxies, UpstreamProtocol};
+use crate::config::{AccessLog, Balance, Config, Timeouts, TrustedProxies, UpstreamProtocol};
+use crate::upstream::PickCtx;
 use crate::upstream::Replica;
-use crate::upstream::pool::{self, ConnectError, Sender};
-use body::{AccessRecord, ProxyBody};
+use crate::upstream::pool::{self, ConnectError, ReqBody, Sender};
+use body::{AccessRecord, InFlight, ProxyBody};
 use bytes::Bytes;
 use headers::Forwarding;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use router::Router;
@@ -39,6 +42,8 @@ pub struct Proxy {
     /// The https listener's port, for redirects (none: no https listener).
     https_port: Option<u16>,
     hsts: Option<HeaderValue>,
+    /// HTTP-01 challenge responses (read from ACME storage), when ACME is configured.
+    acme: Option<crate::acme::Challenges>,
 }
 
 /// Why gangway answered a request itself.
@@ -49,6 +54,8 @@ enum Failure {
     NoRoute,
     /// No replica address is known (nothing resolved yet, or the name has no records).
     NoReplicas,
+    /// Replicas are known but none is healthy.
+    NoHealthy,
     /// Every replica refused or did not accept a connection in time.
     Unreachable,
     /// The replica did not send a response head in time.
@@ -62,7 +69,7 @@ impl Failure {
         match self {
             Failure::BadRequest(_) => StatusCode::BAD_REQUEST,
             Failure::NoSite | Failure::NoRoute => StatusCode::NOT_FOUND,
-            Failure::NoReplicas => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::NoReplicas | Failure::NoHealthy => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Unreachable | Failure::UpstreamBroken => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -74,6 +81,7 @@ impl Failure {
             Failure::NoSite => "no site for this host",
             Failure::NoRoute => "no route for this path",
             Failure::NoReplicas => "no replica available",
+            Failure::NoHealthy => "no healthy replica",
             Failure::Unreachable => "no replica reachable",
             Failure::Timeout => "upstream did not answer in time",
             Failure::UpstreamBroken => "upstream connection failed",
@@ -86,7 +94,7 @@ enum Attempt {
     /// The response, and the HTTP/1.1 connection to pool once its body is read.
     Sent(Response<Incoming>, Option<Sender>),
     /// Nothing was sent: the request comes back to try elsewhere.
-    NotConnected(Request<Incoming>, ConnectError),
+    NotConnected(Request<ReqBody>, ConnectError),
     Failed(Failure, String),
 }
 
@@ -100,6 +108,10 @@ impl Proxy {
             access_log: config.access_log,
             https_port,
             hsts: config.hsts.clone(),
+            acme: config
+                .acme
+                .as_ref()
+                .map(|a| crate::acme::Challenges::new(&a.storage, crate::tls::provider())),
         }
     }
 
@@ -149,6 +161,27 @@ impl Proxy {
         let Ok(host_str) = host.to_str() else {
             return fail(Failure::BadRequest("invalid Host header"), log, "");
         };
+        // ACME HTTP-01 validation: answered before routing and redirects when a validation
+        // for this token is under way; other tokens go to the site as usual.
+        if conn.proto == "http"
+            && let Some(challenges) = &self.acme
+            && let Some(token) = req
+                .uri()
+                .path()
+                .strip_prefix(crate::acme::challenge::HTTP_PREFIX)
+            && let Some(key_authorization) = challenges.http_response(token).await
+        {
+            tracing::info!(host = host_str, token, "answered an HTTP-01 validation");
+            if let Some(l) = log.as_mut() {
+                l.status = StatusCode::OK;
+            }
+            let mut resp = Response::new(ProxyBody::full(Bytes::from(key_authorization), log));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            return resp;
+        }
         let Some(site) = self.router.site(host_str) else {
             return fail(Failure::NoSite, log, host_str);
         };
@@ -215,34 +248,92 @@ impl Proxy {
             l.client = client;
         }
 
-        let replicas = route.backend.replicas();
-        if replicas.is_empty() {
+        let backend = &route.backend;
+        let members = backend.members();
+        if members.is_empty() {
             return fail(Failure::NoReplicas, log, host_str);
         }
-        let first = route.backend.next_index(replicas.len());
+        let sticky = match backend.policy.balance {
+            Balance::Cookie => sticky_cookie(&parts.headers),
+            _ => None,
+        };
+        let ctx = PickCtx { client, sticky };
+        // A bodiless request can be rebuilt and sent again; one with a body cannot.
+        let bodiless = body.is_end_stream();
+        let retries = &backend.policy.retries;
+        let retry_after_send =
+            bodiless && retries.attempts > 1 && retries.methods.contains(&parts.method);
+        let copy = retry_after_send.then(|| RequestCopy::of(&parts));
+        let body: ReqBody = if bodiless {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(body)
+        };
         let mut req = Request::from_parts(parts, body);
+
+        let mut tried = [0usize; MAX_TRIES];
+        let mut n_tried = 0;
+        let mut sent = 0;
         let mut last_error = String::new();
-        for i in 0..replicas.len() {
-            let replica = &replicas[(first + i) % replicas.len()];
+        while n_tried < MAX_TRIES {
+            let Some(idx) = backend.pick(&members, &ctx, &tried[..n_tried]) else {
+                break;
+            };
+            tried[n_tried] = idx;
+            n_tried += 1;
+            let replica = &members.replicas[idx];
             if let Some(l) = log.as_mut() {
                 l.replica = Some(replica.addr);
             }
+            let in_flight = InFlight::new(replica);
             let attempt = if h2c {
                 self.attempt_h2(replica, req).await
             } else {
                 self.attempt(replica, req, upgrade).await
             };
+            let passive = backend.policy.passive.as_ref();
             match attempt {
                 Attempt::Sent(resp, sender) => {
-                    return self.respond(resp, sender, replica, client_upgrade, log);
+                    if matches!(resp.status().as_u16(), 502..=504) {
+                        replica.report_failure(passive);
+                    } else {
+                        replica.report_success();
+                    }
+                    let mut resp =
+                        self.respond(resp, sender, replica, client_upgrade, log, in_flight);
+                    if backend.policy.balance == Balance::Cookie && sticky != Some(replica.id) {
+                        set_sticky_cookie(&mut resp, replica.id, conn.proto == "https");
+                    }
+                    return resp;
                 }
                 Attempt::NotConnected(back, e) => {
+                    // Nothing was sent: always safe to try the next replica.
                     tracing::warn!(replica = %replica.addr, error = %e, "replica unreachable, trying the next one");
+                    replica.report_failure(passive);
+                    backend.resolve_now.notify_one();
                     last_error = format!("{}: {e}", replica.addr);
                     req = back;
                 }
-                Attempt::Failed(failure, detail) => return fail(failure, log, &detail),
+                Attempt::Failed(Failure::UpstreamBroken, detail) => {
+                    replica.report_failure(passive);
+                    sent += 1;
+                    match &copy {
+                        Some(copy) if sent < retries.attempts => {
+                            tracing::warn!(replica = %replica.addr, error = %detail, "upstream failed; retrying on another replica");
+                            last_error = format!("{}: {detail}", replica.addr);
+                            req = copy.rebuild();
+                        }
+                        _ => return fail(Failure::UpstreamBroken, log, &detail),
+                    }
+                }
+                Attempt::Failed(failure, detail) => {
+                    replica.report_failure(passive);
+                    return fail(failure, log, &detail);
+                }
             }
+        }
+        if n_tried == 0 {
+            return fail(Failure::NoHealthy, log, host_str);
         }
         fail(Failure::Unreachable, log, &last_error)
     }
@@ -251,7 +342,7 @@ impl Proxy {
     async fn attempt(
         &self,
         replica: &Arc<Replica>,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
         upgrade: bool,
     ) -> Attempt {
         // An upgraded connection is never returned to the pool, so take a fresh one for it.
@@ -278,7 +369,7 @@ impl Proxy {
     }
 
     /// Sends `req` to one replica over its shared h2c connection, opening it if needed.
-    async fn attempt_h2(&self, replica: &Arc<Replica>, req: Request<Incoming>) -> Attempt {
+    async fn attempt_h2(&self, replica: &Arc<Replica>, req: Request<ReqBody>) -> Attempt {
         let connect = || pool::connect_h2(replica.addr, self.timeouts.upstream_connect);
         let mut sender = match replica.h2.get() {
             Some(s) => s,
@@ -319,8 +410,8 @@ impl Proxy {
     async fn send(
         &self,
         mut sender: Sender,
-        req: Request<Incoming>,
-    ) -> Result<Attempt, Request<Incoming>> {
+        req: Request<ReqBody>,
+    ) -> Result<Attempt, Request<ReqBody>> {
         if sender.ready().await.is_err() {
             return Err(req);
         }
@@ -346,6 +437,7 @@ impl Proxy {
         replica: &Arc<Replica>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         mut log: Option<Box<AccessRecord>>,
+        in_flight: InFlight,
     ) -> Response<ProxyBody> {
         if let Some(l) = log.as_mut() {
             l.status = resp.status();
@@ -378,8 +470,69 @@ impl Proxy {
         let (parts, body) = resp.into_parts();
         Response::from_parts(
             parts,
-            ProxyBody::upstream(body, sender.map(|s| (s, Arc::clone(replica))), log),
+            ProxyBody::upstream(
+                body,
+                sender.map(|s| (s, Arc::clone(replica))),
+                log,
+                Some(in_flight),
+            ),
         )
+    }
+}
+
+/// Tries per request at most (connect failures included): more replicas than this are
+/// not tried for one request.
+const MAX_TRIES: usize = 16;
+
+/// What is needed to send a bodiless request again.
+struct RequestCopy {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: http::HeaderMap,
+}
+
+impl RequestCopy {
+    fn of(parts: &http::request::Parts) -> RequestCopy {
+        RequestCopy {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn rebuild(&self) -> Request<ReqBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+const STICKY_COOKIE: &str = "gw_sticky";
+
+/// The replica id in a `gw_sticky` cookie, if any.
+fn sticky_cookie(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == STICKY_COOKIE)
+        .and_then(|(_, v)| u64::from_str_radix(v, 16).ok())
+}
+
+fn set_sticky_cookie(resp: &mut Response<ProxyBody>, id: u64, secure: bool) {
+    let value = format!(
+        "{STICKY_COOKIE}={id:016x}; Path=/; HttpOnly; SameSite=Lax{}",
+        if secure { "; Secure" } else { "" }
+    );
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
     }
 }
 
@@ -452,7 +605,7 @@ fn fail(failure: Failure, mut log: Option<Box<AccessRecord>>, detail: &str) -> R
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if failure == Failure::NoReplicas {
+    if matches!(failure, Failure::NoReplicas | Failure::NoHealthy) {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }

@@ -58,7 +58,11 @@ impl Router {
                         .strip_prefix
                         .then(|| r.path.trim_end_matches('/').to_owned())
                         .filter(|p| !p.is_empty()),
-                    backend: Arc::new(Backend::new(r.upstreams.clone(), r.upstream_protocol)),
+                    backend: Arc::new(Backend::new(
+                        r.upstreams.clone(),
+                        r.upstream_protocol,
+                        r.policy.clone(),
+                    )),
                 })
                 .collect();
             router.sites.push(SiteEntry {

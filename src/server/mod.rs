@@ -12,10 +12,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use timed_io::{Activity, TimedIo};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,6 +52,114 @@ impl Listeners {
 /// How long a client has to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What one config produced: the request handler and the TLS state, swapped whole on reload.
+/// Connections and requests in flight keep the generation they started with.
+pub struct Generation {
+    pub proxy: Arc<Proxy>,
+    pub tls: Option<Arc<tls::Tls>>,
+    pub config: Config,
+    /// Stops this generation's discovery, health and certificate tasks.
+    stop: CancellationToken,
+}
+
+/// Where a reload reads the config from, and what asks for one besides a file change.
+pub struct ReloadSource {
+    pub path: PathBuf,
+    /// Notified on SIGHUP.
+    pub trigger: Arc<Notify>,
+}
+
+/// How often the config file is checked for changes.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// Builds a generation: TLS state, routes, replica sets (taking over the replicas of the
+/// previous generation so health and connections survive), resolves every name once and
+/// starts the background tasks.
+async fn build_generation(
+    config: Config,
+    https_port: Option<u16>,
+    resolver: &Arc<dyn Resolve>,
+    previous: Option<&Generation>,
+    shutdown: &CancellationToken,
+) -> io::Result<Generation> {
+    let stop = shutdown.child_token();
+    let tls = match https_port {
+        Some(_) => {
+            let provider = tls::provider();
+            let mut t = tls::Tls::new(&config, &provider)?;
+            if let (Some(acme), Some(challenges)) = (&config.acme, t.acme_challenges()) {
+                // Loads stored certificates into the slots now, then keeps them renewed.
+                crate::acme::spawn(
+                    acme.clone(),
+                    t.take_acme(),
+                    challenges,
+                    Arc::clone(&provider),
+                    stop.clone(),
+                );
+            }
+            tokio::spawn(tls::maintain(
+                t.take_watched(),
+                config.storage.clone(),
+                provider,
+                stop.clone(),
+            ));
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
+    let proxy = Arc::new(Proxy::new(&config, https_port));
+    let backends = proxy.router.backends();
+    if let Some(prev) = previous {
+        let old = prev.proxy.router.backends();
+        for b in &backends {
+            if let Some(o) = old
+                .iter()
+                .find(|o| o.upstreams == b.upstreams && o.protocol == b.protocol)
+            {
+                b.adopt(o);
+            }
+        }
+    }
+    upstream::resolve_all(&backends, resolver.as_ref()).await;
+    upstream::spawn_tasks(&backends, resolver, &stop);
+    Ok(Generation {
+        proxy,
+        tls,
+        config,
+        stop,
+    })
+}
+
+/// A running accept loop.
+struct Endpoint {
+    /// The address as configured (what a reload compares).
+    configured: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// Everything the accept loops share.
+#[derive(Clone)]
+struct Shared {
+    state: Arc<ArcSwap<Generation>>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    fn start(&self, listener: TcpListener, configured: SocketAddr, https: bool) -> Endpoint {
+        let stop = self.shutdown.child_token();
+        match listener.local_addr() {
+            Ok(a) => {
+                tracing::info!(listen = %a, "serving {}", if https { "https" } else { "http" })
+            }
+            Err(e) => tracing::warn!(error = %e, "listener without an address"),
+        }
+        tokio::spawn(accept_loop(listener, https, self.clone(), stop.clone()));
+        Endpoint { configured, stop }
+    }
+}
+
 /// Runs the proxy for `config` on already bound listeners until `shutdown` is cancelled,
 /// then drains: no new connections, requests in flight get `timeouts.grace` to finish.
 pub async fn run(
@@ -57,81 +168,169 @@ pub async fn run(
     resolver: Arc<dyn Resolve>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let https_port = match &listeners.https {
+    run_with_reload(config, listeners, resolver, shutdown, None).await
+}
+
+/// [`run`], reloading the config from `reload` when its file changes or its trigger fires.
+/// A config that does not validate (or whose listeners or certificates cannot be set up) is
+/// logged with every problem and the running one stays.
+pub async fn run_with_reload(
+    config: Config,
+    listeners: Listeners,
+    resolver: Arc<dyn Resolve>,
+    shutdown: CancellationToken,
+    reload: Option<ReloadSource>,
+) -> io::Result<()> {
+    let mut https_port = match &listeners.https {
         Some(l) => Some(l.local_addr()?.port()),
         None => None,
     };
-    let tls = match &listeners.https {
-        Some(_) => {
-            let provider = tls::provider();
-            let mut t = tls::Tls::new(&config, &provider)?;
-            tokio::spawn(tls::maintain(
-                t.take_watched(),
-                config.storage.clone(),
-                provider,
-                shutdown.child_token(),
-            ));
-            Some(Arc::new(t))
-        }
-        None => None,
+    let (cfg_http, cfg_https) = (config.listen.http, config.listen.https);
+    let generation = build_generation(config, https_port, &resolver, None, &shutdown).await?;
+    let shared = Shared {
+        state: Arc::new(ArcSwap::from_pointee(generation)),
+        builder: Arc::new(http_builder()),
+        tracker: TaskTracker::new(),
+        shutdown: shutdown.clone(),
     };
-    let proxy = Arc::new(Proxy::new(&config, https_port));
-    let backends = proxy.router.backends();
-    upstream::resolve_all(&backends, resolver.as_ref()).await;
-    let state = Arc::new(ArcSwap::new(proxy));
-
-    let stop_discovery = shutdown.child_token();
-    tokio::spawn(upstream::discovery_loop(
-        backends,
-        resolver,
-        config.resolve_every,
-        stop_discovery.clone(),
-    ));
-
-    let tracker = TaskTracker::new();
-    let builder = Arc::new(http_builder());
-    let http = Endpoint {
-        listener: listeners.http,
-        tls: None,
-    };
-    tracing::info!(listen = %http.listener.local_addr()?, "serving http");
-    let https = match (listeners.https, tls) {
-        (Some(listener), Some(tls)) => {
-            tracing::info!(listen = %listener.local_addr()?, "serving https");
-            Some(Endpoint {
-                listener,
-                tls: Some(tls),
-            })
-        }
+    let mut http = shared.start(listeners.http, cfg_http, false);
+    let mut https = match (listeners.https, cfg_https) {
+        (Some(l), Some(addr)) => Some(shared.start(l, addr, true)),
+        (Some(l), None) => Some(shared.start(l, SocketAddr::from(([0, 0, 0, 0], 0)), true)),
         _ => None,
     };
-    let serve_https = async {
-        if let Some(https) = &https {
-            accept_loop(https, &state, &builder, &tracker, &shutdown).await;
-        }
-    };
-    tokio::join!(
-        accept_loop(&http, &state, &builder, &tracker, &shutdown),
-        serve_https
-    );
-    drop(http);
-    drop(https);
 
-    let grace = config.timeouts.grace;
-    tracker.close();
-    let open = tracker.len();
+    if let Some(source) = reload {
+        let mut stamp = tls::files::Stamp::of(&source.path);
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let why = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = source.trigger.notified() => "SIGHUP",
+                _ = tick.tick() => {
+                    let now = tls::files::Stamp::of(&source.path);
+                    if now == stamp {
+                        continue;
+                    }
+                    stamp = now;
+                    "config file changed"
+                }
+            };
+            tracing::info!(path = %source.path.display(), reason = why, "reloading config");
+            let config = match Config::load(&source.path) {
+                Ok(c) => c,
+                Err(e) => {
+                    for issue in e.to_string().lines().skip(1) {
+                        tracing::error!("{}", issue.trim());
+                    }
+                    tracing::error!("config rejected; still running the previous one");
+                    continue;
+                }
+            };
+            match reload_to(
+                config,
+                &shared,
+                &resolver,
+                &mut http,
+                &mut https,
+                &mut https_port,
+            )
+            .await
+            {
+                Ok(()) => tracing::info!("config reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "reload failed; still running the previous config")
+                }
+            }
+        }
+    } else {
+        shutdown.cancelled().await;
+    }
+
+    http.stop.cancel();
+    if let Some(h) = &https {
+        h.stop.cancel();
+    }
+    let grace = shared.state.load().config.timeouts.grace;
+    shared.tracker.close();
+    let open = shared.tracker.len();
     if open > 0 {
         tracing::info!(connections = open, grace = ?grace, "draining connections");
     }
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(grace, shared.tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
-            connections = tracker.len(),
+            connections = shared.tracker.len(),
             "grace period over; closing remaining connections"
         );
     }
-    stop_discovery.cancel();
+    shared.state.load().stop.cancel();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Applies a validated config: binds listeners whose address changed (keeping unchanged
+/// ones without a gap), builds the new generation, swaps it in, then retires the old one.
+async fn reload_to(
+    config: Config,
+    shared: &Shared,
+    resolver: &Arc<dyn Resolve>,
+    http: &mut Endpoint,
+    https: &mut Option<Endpoint>,
+    https_port: &mut Option<u16>,
+) -> io::Result<()> {
+    let new_http = if config.listen.http != http.configured {
+        Some(bind(config.listen.http).await?)
+    } else {
+        None
+    };
+    let new_https = match (config.listen.https, https.as_ref()) {
+        (Some(addr), Some(ep)) if addr == ep.configured => None,
+        (Some(addr), _) => Some(bind(addr).await?),
+        (None, _) => None,
+    };
+    let port = match (&new_https, config.listen.https) {
+        (Some(l), _) => Some(l.local_addr()?.port()),
+        (None, Some(_)) => *https_port,
+        (None, None) => None,
+    };
+    let old = shared.state.load_full();
+    let generation = build_generation(config, port, resolver, Some(&old), &shared.shutdown).await?;
+    let (cfg_http, cfg_https) = (
+        generation.config.listen.http,
+        generation.config.listen.https,
+    );
+    shared.state.store(Arc::new(generation));
+    old.stop.cancel();
+    *https_port = port;
+    if let Some(l) = new_http {
+        http.stop.cancel();
+        *http = shared.start(l, cfg_http, false);
+    }
+    match (new_https, cfg_https) {
+        (Some(l), Some(addr)) => {
+            if let Some(old) = https.take() {
+                old.stop.cancel();
+            }
+            *https = Some(shared.start(l, addr, true));
+        }
+        (None, None) => {
+            if let Some(old) = https.take() {
+                old.stop.cancel();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
 fn http_builder() -> auto::Builder<TokioExecutor> {
@@ -151,34 +350,16 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// A listener and, for https, its TLS state.
-struct Endpoint {
-    listener: TcpListener,
-    tls: Option<Arc<tls::Tls>>,
-}
-
-async fn accept_loop(
-    endpoint: &Endpoint,
-    state: &Arc<ArcSwap<Proxy>>,
-    builder: &Arc<auto::Builder<TokioExecutor>>,
-    tracker: &TaskTracker,
-    shutdown: &CancellationToken,
-) {
+async fn accept_loop(listener: TcpListener, https: bool, shared: Shared, stop: CancellationToken) {
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = endpoint.listener.accept() => r,
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
         };
         match accepted {
             Ok((stream, _peer)) => {
-                let conn = serve_connection(
-                    stream,
-                    endpoint.tls.clone(),
-                    Arc::clone(state),
-                    Arc::clone(builder),
-                    shutdown.clone(),
-                );
-                tracker.spawn(conn);
+                let conn = serve_connection(stream, https, shared.clone());
+                shared.tracker.spawn(conn);
             }
             Err(e) => {
                 // Per-connection failures (reset before accept) are the client's problem;
@@ -199,18 +380,28 @@ async fn accept_loop(
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    tls: Option<Arc<tls::Tls>>,
-    state: Arc<ArcSwap<Proxy>>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    shutdown: CancellationToken,
-) {
+async fn serve_connection(stream: TcpStream, https: bool, shared: Shared) {
+    let Shared {
+        state,
+        builder,
+        shutdown,
+        ..
+    } = shared;
+    let generation = state.load_full();
+    let tls = if https {
+        match &generation.tls {
+            Some(t) => Some(Arc::clone(t)),
+            None => return,
+        }
+    } else {
+        None
+    };
     let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
         return;
     };
     let _ = stream.set_nodelay(true);
-    let timeouts = *state.load().timeouts();
+    let timeouts = *generation.proxy.timeouts();
+    drop(generation);
     let activity = Arc::new(Activity::default());
     let io = TimedIo::new(
         stream,
@@ -225,7 +416,7 @@ async fn serve_connection(
         proto,
     };
     let service = service_fn(move |req| {
-        let proxy = state.load_full();
+        let proxy = Arc::clone(&state.load().proxy);
         let busy = activity.begin();
         async move {
             let resp = proxy.handle(req, &info).await;
@@ -272,6 +463,33 @@ where
     };
     let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
+    let acme_validation = hello
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == crate::acme::challenge::ALPN));
+    if acme_validation {
+        // An ACME CA validating TLS-ALPN-01 (RFC 8737): answer with the challenge
+        // certificate for that name, then close; no application data is exchanged.
+        let config = match &sni {
+            Some(name) => tls.acme_challenge_config(name).await,
+            None => None,
+        };
+        let Some(config) = config else {
+            tracing::warn!(peer = %peer, sni = ?sni, "acme-tls/1 handshake for a name with no validation under way");
+            let _ = start.io.write_all(&tls::UNRECOGNIZED_NAME_ALERT).await;
+            let _ = start.io.shutdown().await;
+            return None;
+        };
+        match start.into_stream(config).await {
+            Ok(mut stream) => {
+                tracing::info!(peer = %peer, sni = ?sni, "answered a TLS-ALPN-01 validation");
+                let _ = stream.shutdown().await;
+            }
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "TLS-ALPN-01 handshake failed")
+            }
+        }
+        return None;
+    }
     let Some(cert) = tls.store.lookup(sni.as_deref(), local_ip) else {
         match &sni {
             Some(name) if tls.store.knows(name) => tracing::warn!(

@@ -110,6 +110,12 @@ pub struct Tls {
     pub store: Arc<CertStore>,
     pub config: Arc<ServerConfig>,
     watched: Vec<Watched>,
+    /// ACME sites' (empty at first) slots, for the ACME manager.
+    acme: Vec<crate::acme::Managed>,
+    /// TLS-ALPN-01 responses, when the config has an `acme:` block.
+    acme_challenges: Option<Arc<crate::acme::Challenges>>,
+    /// The config for TLS-ALPN-01 validation handshakes (ALPN `acme-tls/1` only).
+    acme_config: Arc<ServerConfig>,
 }
 
 enum Watched {
@@ -145,6 +151,7 @@ impl Tls {
     pub fn new(config: &Config, provider: &Arc<CryptoProvider>) -> io::Result<Tls> {
         let mut store = CertStore::default();
         let mut watched = Vec::new();
+        let mut acme = Vec::new();
         let mut ca: Option<LocalCa> = None;
         for site in &config.sites {
             let names = cert_names(&site.hosts);
@@ -174,6 +181,11 @@ impl Tls {
                         issued: Instant::now(),
                     });
                 }
+                // Empty until the ACME manager loads or obtains the certificate.
+                TlsMode::Acme => acme.push(crate::acme::Managed {
+                    names: crate::acme::site_names(site),
+                    slot: Arc::clone(&slot),
+                }),
             }
             for host in &site.hosts {
                 match host {
@@ -189,12 +201,42 @@ impl Tls {
             .suffix
             .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         let store = Arc::new(store);
+        let acme_challenges = config.acme.as_ref().map(|a| {
+            Arc::new(crate::acme::Challenges::new(
+                &a.storage,
+                Arc::clone(provider),
+            ))
+        });
         let config = server_config(provider, Arc::new(BySni(Arc::clone(&store))))?;
+        let mut acme_config = (*config).clone();
+        acme_config.alpn_protocols = vec![crate::acme::challenge::ALPN.to_vec()];
         Ok(Tls {
             store,
             config,
             watched,
+            acme,
+            acme_challenges,
+            acme_config: Arc::new(acme_config),
         })
+    }
+
+    /// Moves the ACME sites' slots out, for the ACME manager.
+    pub fn take_acme(&mut self) -> Vec<crate::acme::Managed> {
+        std::mem::take(&mut self.acme)
+    }
+
+    /// Where TLS-ALPN-01 responses are read (and written by the ACME manager).
+    pub fn acme_challenges(&self) -> Option<Arc<crate::acme::Challenges>> {
+        self.acme_challenges.clone()
+    }
+
+    /// The config for a TLS-ALPN-01 validation handshake for `name` (RFC 8737): `None` when
+    /// no validation for it is under way.
+    pub async fn acme_challenge_config(&self, name: &str) -> Option<Arc<ServerConfig>> {
+        let cert = self.acme_challenges.as_ref()?.alpn_cert(name).await?;
+        let mut cfg = (*self.acme_config).clone();
+        cfg.cert_resolver = Arc::new(Fixed(cert));
+        Some(Arc::new(cfg))
     }
 
     /// The config for one handshake: the shared one when the client sent SNI, else one that

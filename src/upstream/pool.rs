@@ -18,7 +18,11 @@ const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
 /// Idle connections kept per replica.
 const MAX_IDLE: usize = 256;
 
-pub type Sender = http1::SendRequest<Incoming>;
+/// What gangway sends upstream: the client's streamed body, or nothing (bodiless requests,
+/// which can be rebuilt and retried on another replica).
+pub type ReqBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+
+pub type Sender = http1::SendRequest<ReqBody>;
 
 struct Idle {
     sender: Sender,
@@ -99,7 +103,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, Conn
     Ok(sender)
 }
 
-pub type H2Sender = http2::SendRequest<Incoming>;
+pub type H2Sender = http2::SendRequest<ReqBody>;
 
 /// The one multiplexed HTTP/2 (h2c) connection to a replica, for `upstream_protocol: h2c`.
 #[derive(Default)]

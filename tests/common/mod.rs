@@ -45,6 +45,10 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Connections accepted (to see keep-alive reuse).
     pub connections: Arc<AtomicUsize>,
+    /// What `/health` answers (200 unless a test changes it); health checks are counted
+    /// here, not in `seen`.
+    pub health_status: Arc<std::sync::atomic::AtomicU16>,
+    pub health_checks: Arc<AtomicUsize>,
     stop: CancellationToken,
 }
 
@@ -61,12 +65,16 @@ impl Upstream {
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
+        let health_status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let health_checks = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
         let up = Upstream {
             name: name.to_owned(),
             addr,
             seen: seen.clone(),
             connections: connections.clone(),
+            health_status: health_status.clone(),
+            health_checks: health_checks.clone(),
             stop: stop.clone(),
         };
         let name: Arc<str> = name.into();
@@ -78,8 +86,23 @@ impl Upstream {
                 };
                 connections.fetch_add(1, Ordering::SeqCst);
                 let (name, seen, stop) = (name.clone(), seen.clone(), stop.clone());
+                let (hs, hc) = (health_status.clone(), health_checks.clone());
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(name.clone(), seen.clone(), req));
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (name, seen, hs, hc) =
+                            (name.clone(), seen.clone(), hs.clone(), hc.clone());
+                        async move {
+                            if req.uri().path() == "/health" {
+                                hc.fetch_add(1, Ordering::SeqCst);
+                                let status = StatusCode::from_u16(hs.load(Ordering::SeqCst))
+                                    .unwrap_or(StatusCode::OK);
+                                let mut resp = Response::new(full("health"));
+                                *resp.status_mut() = status;
+                                return Ok(resp);
+                            }
+                            handle(name, seen, req).await
+                        }
+                    });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades();
@@ -259,6 +282,29 @@ impl Gangway {
     }
 
     pub async fn start_with(yaml: &str, resolver: Arc<dyn Resolve>) -> Gangway {
+        Self::launch(yaml, resolver, None).await
+    }
+
+    /// Starts from a config file that gangway watches and reloads; `trigger` stands in for
+    /// SIGHUP.
+    pub async fn start_reloading(
+        path: &std::path::Path,
+        resolver: Arc<dyn Resolve>,
+        trigger: Arc<tokio::sync::Notify>,
+    ) -> Gangway {
+        let yaml = std::fs::read_to_string(path).expect("config file");
+        let source = gangway::server::ReloadSource {
+            path: path.to_owned(),
+            trigger,
+        };
+        Self::launch(&yaml, resolver, Some(source)).await
+    }
+
+    async fn launch(
+        yaml: &str,
+        resolver: Arc<dyn Resolve>,
+        reload: Option<gangway::server::ReloadSource>,
+    ) -> Gangway {
         let config = Config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("addr");
@@ -273,11 +319,12 @@ impl Gangway {
             http: listener,
             https,
         };
-        let task = tokio::spawn(gangway::server::run(
+        let task = tokio::spawn(gangway::server::run_with_reload(
             config,
             listeners,
             resolver,
             stop.clone(),
+            reload,
         ));
         Gangway {
             addr,

@@ -1,0 +1,390 @@
+//! Automatic certificates against a real ACME CA: pebble, started by each test on its own
+//! ports with validation pointed at gangway's listeners (see `acme_support`).
+mod acme_support;
+mod common;
+
+use acme_support::*;
+use common::Upstream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const ISSUE_LIMIT: Duration = Duration::from_secs(45);
+
+fn site(names: &[&str], upstream: &Upstream) -> String {
+    format!(
+        "  - hosts: [{}]\n    tls: acme\n    upstreams: [{}]\n",
+        names.join(", "),
+        upstream.addr
+    )
+}
+
+/// Every file under `<storage>/acme` is 0600 and every folder 0700; returns the file names.
+#[cfg(unix)]
+fn assert_private(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        let path = entry.path();
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{}", path.display());
+            files.extend(assert_private(&path));
+        } else {
+            assert_eq!(mode, 0o600, "{}", path.display());
+            files.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    files
+}
+
+/// Holds for `window` that `check` stays true (used for "nothing more happens").
+async fn stays(window: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        if !check() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
+
+#[tokio::test]
+async fn http01_issues_certificates_for_several_names_with_private_storage() {
+    if !pebble_available() {
+        return;
+    }
+    let up = Upstream::start("app").await;
+    let bound = Bound::new().await;
+    let pebble = Pebble::start(PebbleOptions {
+        http_port: bound.http_addr.port(),
+        // TLS-ALPN-01 cannot succeed: the certificates below come from HTTP-01.
+        tls_port: 1,
+        ..PebbleOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("state");
+    let sites = site(&["a.example.com", "www.a.example.com"], &up) + &site(&["b.example.com"], &up);
+    let yaml = config_yaml(&pebble, &storage, "http-01", &sites);
+    let gw = Instance::start(&yaml, bound);
+
+    let roots = roots(&[&pebble.root_pem]);
+    let mut serials = Vec::new();
+    for name in ["a.example.com", "www.a.example.com", "b.example.com"] {
+        let leaf = until_served(&pebble, gw.https_addr, name, ISSUE_LIMIT).await;
+        serials.push(serial(&leaf));
+        // The chain verifies against pebble's root, and the site works over it.
+        let (status, body) = https_get(gw.https_addr, name, "/hello", &roots)
+            .await
+            .unwrap();
+        assert_eq!((status, body.as_str()), (200, "app"));
+    }
+    // One certificate for both names of the first site, another for the second site.
+    assert_eq!(serials[0], serials[1]);
+    assert_ne!(serials[0], serials[2]);
+    assert_eq!(pebble.orders(), 2, "{}", pebble.log());
+    // Plain HTTP for an acme site still redirects (the challenge path aside).
+    let got = common::get(gw.http_addr, "a.example.com", "/x").await;
+    assert_eq!(got.status, 308);
+
+    #[cfg(unix)]
+    {
+        let files = assert_private(&storage.join("acme"));
+        for expected in ["account.json", "certificate.pem", "status.json"] {
+            assert!(files.iter().any(|f| f == expected), "{files:?}");
+        }
+        // Challenge responses were withdrawn after validation.
+        assert!(!files.iter().any(|f| f.len() > 30), "{files:?}");
+    }
+
+    // `gangway certs` reports both from storage.
+    let config_path = dir.path().join("gangway.yaml");
+    std::fs::write(&config_path, &yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gangway"))
+        .args(["certs", "-c"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("a.example.com, www.a.example.com: valid"),
+        "{text}"
+    );
+    assert!(text.contains("b.example.com: valid"), "{text}");
+    assert!(
+        text.contains("issuer        CN=Pebble Intermediate CA"),
+        "{text}"
+    );
+    assert!(text.contains("expires"), "{text}");
+    assert!(
+        text.contains("next renewal") && text.contains("two thirds of the lifetime"),
+        "{text}"
+    );
+    assert!(text.contains("last error    none"), "{text}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls_alpn01_issues_a_certificate() {
+    if !pebble_available() {
+        return;
+    }
+    let up = Upstream::start("app").await;
+    let bound = Bound::new().await;
+    let pebble = Pebble::start(PebbleOptions {
+        // HTTP-01 cannot succeed: the certificate comes from TLS-ALPN-01.
+        http_port: 1,
+        tls_port: bound.https_addr.port(),
+        ..PebbleOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let sites = site(&["alpn.example.com", "two.example.com"], &up);
+    let yaml = config_yaml(&pebble, dir.path(), "tls-alpn-01", &sites);
+    let gw = Instance::start(&yaml, bound);
+    let a = until_served(&pebble, gw.https_addr, "alpn.example.com", ISSUE_LIMIT).await;
+    let b = until_served(&pebble, gw.https_addr, "two.example.com", ISSUE_LIMIT).await;
+    assert_eq!(serial(&a), serial(&b));
+    assert_eq!(pebble.orders(), 1, "{}", pebble.log());
+    let roots = roots(&[&pebble.root_pem]);
+    let (status, body) = https_get(gw.https_addr, "two.example.com", "/", &roots)
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "app"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failing_challenge_type_falls_back_to_the_other() {
+    if !pebble_available() {
+        return;
+    }
+    let up = Upstream::start("app").await;
+    let bound = Bound::new().await;
+    let pebble = Pebble::start(PebbleOptions {
+        http_port: bound.http_addr.port(),
+        // TLS-ALPN-01, tried first, fails: nothing listens there.
+        tls_port: 1,
+        ..PebbleOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_yaml(
+        &pebble,
+        dir.path(),
+        "tls-alpn-01",
+        &site(&["fallback.example.com"], &up),
+    );
+    let gw = Instance::start(&yaml, bound);
+    until_served(&pebble, gw.https_addr, "fallback.example.com", ISSUE_LIMIT).await;
+    // The failed TLS-ALPN-01 order, then the HTTP-01 one.
+    assert_eq!(pebble.orders(), 2, "{}", pebble.log());
+    assert_eq!(pebble.issued(), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_with_stored_certificates_orders_nothing() {
+    if !pebble_available() {
+        return;
+    }
+    let up = Upstream::start("app").await;
+    let bound = Bound::new().await;
+    let pebble = Pebble::start(PebbleOptions {
+        http_port: bound.http_addr.port(),
+        tls_port: bound.https_addr.port(),
+        ..PebbleOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_yaml(
+        &pebble,
+        dir.path(),
+        "http-01",
+        &site(&["restart.example.com"], &up),
+    );
+    let first = Instance::start(&yaml, bound);
+    let before = until_served(
+        &pebble,
+        first.https_addr,
+        "restart.example.com",
+        ISSUE_LIMIT,
+    )
+    .await;
+    assert_eq!(pebble.orders(), 1);
+    first.shutdown().await;
+
+    // A new process on the same storage (new listeners, as after a redeploy).
+    let second = Instance::start(&yaml, Bound::new().await);
+    let after = until_served(
+        &pebble,
+        second.https_addr,
+        "restart.example.com",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(serial(&before), serial(&after));
+    assert!(
+        stays(Duration::from_secs(2), || pebble.orders() == 1).await,
+        "a restart placed a new order:\n{}",
+        pebble.log()
+    );
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn renewal_swaps_the_certificate_while_a_connection_stays_open() {
+    if !pebble_available() {
+        return;
+    }
+    let up = Upstream::start("app").await;
+    let bound = Bound::new().await;
+    let pebble = Pebble::start(PebbleOptions {
+        http_port: bound.http_addr.port(),
+        tls_port: bound.https_addr.port(),
+        // Renewed at two thirds: after 6 s.
+        validity: Some(9),
+        ..PebbleOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_yaml(
+        &pebble,
+        dir.path(),
+        "tls-alpn-01",
+        &site(&["renew.example.com"], &up),
+    );
+    let gw = Instance::start(&yaml, bound);
+    let first = until_served(&pebble, gw.https_addr, "renew.example.com", ISSUE_LIMIT).await;
+    let roots = roots(&[&pebble.root_pem]);
+    let cfg = client_config(&roots);
+    let open = tls_connect(gw.https_addr, "renew.example.com", &cfg)
+        .await
+        .unwrap();
+    let open_serial = serial(&leaf(&open));
+    let mut conn = Http1::over(open).await.unwrap();
+    assert_eq!(conn.get("renew.example.com", "/").await.unwrap().0, 200);
+
+    let renewed = poll(Duration::from_secs(30), || {
+        let cfg = cfg.clone();
+        let first = serial(&first);
+        async move {
+            let s = tls_connect(gw.https_addr, "renew.example.com", &cfg)
+                .await
+                .ok()?;
+            let now = serial(&leaf(&s));
+            (now != first).then_some(now)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("no renewal within 30 s\n{}", pebble.log()));
+    assert_ne!(renewed, open_serial);
+    assert!(pebble.orders() >= 2);
+    // The connection opened before the swap carries on.
+    let (status, body) = conn.get("renew.example.com", "/again").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "app"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_ca_error_backs_off_instead_of_looping() {
+    if !pebble_available() {
+        return;
+    }
+    let up = Upstream::start("app").await;
+    let bound = Bound::new().await;
+    let pebble = Pebble::start(PebbleOptions {
+        http_port: bound.http_addr.port(),
+        tls_port: bound.https_addr.port(),
+        blocklist: vec!["blocked.example.com".into()],
+        ..PebbleOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_yaml(
+        &pebble,
+        dir.path(),
+        "http-01",
+        &site(&["blocked.example.com"], &up),
+    );
+    let gw = Instance::start(&yaml, bound);
+    let failed = poll(Duration::from_secs(20), || async {
+        let s = status(dir.path(), &pebble, "blocked.example.com")?;
+        s["last_error"].is_string().then_some(s)
+    })
+    .await
+    .expect("the refusal is recorded");
+    let error = failed["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("rejectedIdentifier") || error.contains("blocked"),
+        "{error}"
+    );
+    assert_eq!(failed["failures"], 1);
+    let next = failed["next_attempt"].as_i64().unwrap();
+    let last = failed["last_attempt"].as_i64().unwrap();
+    assert!(
+        next - last >= 45,
+        "retries after about a minute, not at once: {failed}"
+    );
+    // No certificate: the handshake is refused, not answered with some other certificate.
+    let cfg = client_config(&roots(&[&pebble.root_pem]));
+    assert!(
+        tls_connect(gw.https_addr, "blocked.example.com", &cfg)
+            .await
+            .is_err()
+    );
+    // Nothing more is tried during the backoff, not even by a restarted instance.
+    gw.shutdown().await;
+    let again = Instance::start(&yaml, Bound::new().await);
+    assert!(
+        stays(Duration::from_secs(3), || {
+            status(dir.path(), &pebble, "blocked.example.com")
+                .is_some_and(|s| s["failures"] == 1 && s["orders"] == 1)
+        })
+        .await,
+        "retried during the backoff: {:?}",
+        status(dir.path(), &pebble, "blocked.example.com")
+    );
+    assert_eq!(pebble.orders(), 0);
+    again.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_instances_on_one_storage_place_one_order_per_name() {
+    if !pebble_available() {
+        return;
+    }
+    let up = Upstream::start("app").await;
+    let a_bound = Bound::new().await;
+    let b_bound = Bound::new().await;
+    // pebble validates against instance A only: when B holds the lock and orders, A answers
+    // the challenges from the shared storage.
+    let pebble = Pebble::start(PebbleOptions {
+        http_port: a_bound.http_addr.port(),
+        tls_port: a_bound.https_addr.port(),
+        ..PebbleOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let sites = site(&["one.example.com"], &up) + &site(&["two.example.com"], &up);
+    let a_yaml = config_yaml(&pebble, dir.path(), "http-01", &sites);
+    let b_yaml = config_yaml(&pebble, dir.path(), "tls-alpn-01", &sites);
+    let a = Instance::start(&a_yaml, a_bound);
+    let b = Instance::start(&b_yaml, b_bound);
+    for name in ["one.example.com", "two.example.com"] {
+        let from_a = until_served(&pebble, a.https_addr, name, ISSUE_LIMIT).await;
+        let from_b = until_served(&pebble, b.https_addr, name, ISSUE_LIMIT).await;
+        assert_eq!(serial(&from_a), serial(&from_b), "{name}");
+    }
+    assert!(
+        stays(Duration::from_secs(1), || pebble.orders() == 2).await,
+        "expected one order per name:\n{}",
+        pebble.log()
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
