@@ -570,3 +570,67 @@ fn every_shipped_config_is_valid() {
     }
     assert!(failures.is_empty(), "{}", failures.concat());
 }
+
+// ---------------------------------------------------------------------------------------
+// run: SIGHUP reloads
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sighup_reloads_and_a_bad_config_keeps_the_old_one() {
+    let a = Upstream::start("sighup-a").await;
+    let b = Upstream::start("sighup-b").await;
+    let (proc, addr, dir) = start_proxy(&a, "5s").await;
+    let path = dir.path().join("gangway.yaml");
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &proc.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    };
+
+    // A broken edit, then SIGHUP: rejected with its position; a still serves.
+    let good = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(
+        &path,
+        good.replace("access_log: off", "access_log: off\nbogus: 1"),
+    )
+    .expect("write");
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proc.stdout().contains("config rejected") {
+        assert!(
+            Instant::now() < deadline,
+            "no rejection logged: {}",
+            proc.stdout()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        proc.stdout().contains(":4:1: bogus: unknown key"),
+        "{}",
+        proc.stdout()
+    );
+    assert_eq!(try_get(addr, "/").await, Ok((200, "sighup-a".to_owned())));
+
+    // A good edit, then SIGHUP: b takes over.
+    std::fs::write(
+        &path,
+        good.replace(&a.addr.to_string(), &b.addr.to_string()),
+    )
+    .expect("write");
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if try_get(addr, "/").await == Ok((200, "sighup-b".to_owned())) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never switched to b: {}",
+            proc.stdout()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(proc.stdout().contains("SIGHUP"), "{}", proc.stdout());
+}
