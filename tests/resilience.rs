@@ -469,3 +469,49 @@ async fn reload_on_trigger_keeps_health_state_and_websockets() {
         .unwrap();
     assert_eq!(echo.into_text().unwrap().as_str(), "after reload");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_listen_address_is_rebound_and_the_old_one_drains() {
+    let a = Upstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gangway.yaml");
+    let with_listen =
+        |listen: &str| format!("listen: {{http: \"{listen}\"}}\n{}", yaml_for(&[&a], ""));
+    write_config(&path, &with_listen("127.0.0.1:0"));
+    let gw = Gangway::start_reloading(
+        &path,
+        Gangway::static_resolver(),
+        Arc::new(tokio::sync::Notify::new()),
+    )
+    .await;
+    assert_eq!(get(gw.addr, "app.test", "/").await.text(), "a");
+    // A request in flight on the old listener while it is replaced.
+    let slow = tokio::spawn(get(gw.addr, "app.test", "/slow?ms=1500"));
+    assert!(eventually(Duration::from_secs(5), || async { a.hits() == 2 }).await);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    write_config(&path, &with_listen(&new_addr.to_string()));
+    let moved = eventually(Duration::from_secs(5), || async {
+        match tokio::net::TcpStream::connect(new_addr).await {
+            Ok(_) => get(new_addr, "app.test", "/").await.text() == "a",
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(moved, "the new address never served");
+    let closed = eventually(Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(gw.addr).await.is_err()
+    })
+    .await;
+    assert!(closed, "the old listener still accepts");
+    assert_eq!(
+        slow.await.unwrap().text(),
+        "a",
+        "the request on the old listener finished"
+    );
+}
