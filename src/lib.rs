@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acme;
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod proxy;

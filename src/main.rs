@@ -54,6 +54,15 @@ enum Command {
         #[arg(short, long, default_value = "config/gangway.yaml")]
         config: PathBuf,
     },
+    /// Ask a running gangway whether it is healthy (for container health checks): exits 0
+    /// when its admin /healthz answers 200, 1 otherwise (not running, draining).
+    Health {
+        #[arg(short, long, default_value = "config/gangway.yaml")]
+        config: PathBuf,
+        /// The health URL, instead of the config's listen.admin.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Start the proxy in front of three built-in demo replicas.
     Demo {
         /// Where the demo proxy listens for plain HTTP.
@@ -62,6 +71,9 @@ enum Command {
         /// Where it listens for HTTPS (`localhost`, certificate from the local CA).
         #[arg(long, default_value = "127.0.0.1:8443")]
         https: SocketAddr,
+        /// Where the dashboard, /metrics and /status are served ("off" for none).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
         /// Where the demo keeps its local CA [default: ~/.local/share/gangway-demo].
         #[arg(long)]
         storage: Option<PathBuf>,
@@ -92,9 +104,11 @@ fn main() -> ExitCode {
             Command::Demo {
                 listen,
                 https,
+                admin,
                 storage,
                 replicas,
-            } => demo(listen, https, storage, replicas).await,
+            } => demo(listen, https, admin, storage, replicas).await,
+            Command::Health { config, url } => health(config, url).await,
         }
     })
 }
@@ -192,6 +206,74 @@ async fn run(path: PathBuf) -> ExitCode {
         Err(e) => {
             eprintln!("gangway: {e}");
             ExitCode::from(EX_START)
+        }
+    }
+}
+
+async fn health(path: PathBuf, url: Option<String>) -> ExitCode {
+    let target = match url {
+        Some(u) => u,
+        None => match Config::load(&path) {
+            Ok(c) => match c.listen.admin {
+                Some(a) => {
+                    // A wildcard admin address is reached on loopback.
+                    let host = if a.ip().is_unspecified() {
+                        std::net::SocketAddr::new([127, 0, 0, 1].into(), a.port())
+                    } else {
+                        a
+                    };
+                    format!("http://{host}/healthz")
+                }
+                None => {
+                    eprintln!("gangway health: listen.admin is off; pass --url");
+                    return ExitCode::from(1);
+                }
+            },
+            Err(e) => return config_error(&e),
+        },
+    };
+    let Some(rest) = target.strip_prefix("http://") else {
+        eprintln!("gangway health: only http:// URLs are supported, got {target}");
+        return ExitCode::from(1);
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/healthz"),
+    };
+    let result = tokio::time::timeout(Duration::from_secs(3), async {
+        let stream = tokio::net::TcpStream::connect(authority).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header(http::header::HOST, authority)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(std::io::Error::other)?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(resp.status())
+    })
+    .await;
+    match result {
+        Ok(Ok(status)) if status == http::StatusCode::OK => {
+            println!("healthy");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(status)) => {
+            println!("unhealthy: {target} answered {status}");
+            ExitCode::from(1)
+        }
+        Ok(Err(e)) => {
+            println!("unhealthy: {target}: {e}");
+            ExitCode::from(1)
+        }
+        Err(_) => {
+            println!("unhealthy: {target} did not answer within 3 s");
+            ExitCode::from(1)
         }
     }
 }
@@ -344,6 +426,7 @@ async fn check(path: PathBuf) -> ExitCode {
 async fn demo(
     listen: SocketAddr,
     https: SocketAddr,
+    admin: String,
     storage: Option<PathBuf>,
     n: usize,
 ) -> ExitCode {
@@ -372,6 +455,24 @@ async fn demo(
             }
         }
     }
+    let admin_listener = if admin == "off" {
+        None
+    } else {
+        let Ok(addr) = admin.parse::<SocketAddr>() else {
+            eprintln!("gangway demo: --admin expects an address such as 127.0.0.1:9090, or off");
+            return ExitCode::from(EX_USAGE);
+        };
+        match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!(
+                    "gangway demo: cannot listen on {addr}: {e}\n  choose another address with --admin"
+                );
+                return ExitCode::from(EX_START);
+            }
+        }
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let https_listener = listeners.pop();
     let Some(http_listener) = listeners.pop() else {
         return ExitCode::from(EX_START);
@@ -391,6 +492,7 @@ async fn demo(
         Listeners {
             http: http_listener,
             https: https_listener,
+            admin: admin_listener,
         },
         Arc::new(SystemResolver::new()),
         stop.clone(),
@@ -402,6 +504,9 @@ async fn demo(
     );
     for (i, r) in replicas.iter().enumerate() {
         println!("  replica-{} at {r}", i + 1);
+    }
+    if let Some(a) = admin_addr {
+        println!("  dashboard at http://{a}/ (metrics at /metrics, status at /status)");
     }
     let mut seen = Vec::new();
     for _ in 0..replicas.len() * 2 {

@@ -352,7 +352,7 @@ async fn start_proxy(up: &Upstream, grace: &str) -> (Proc, SocketAddr, tempfile:
         std::fs::write(
             &path,
             format!(
-                "listen: {{http: {addr}}}\ntimeouts: {{grace: {grace}}}\naccess_log: off\n\
+                "listen: {{http: {addr}, admin: off}}\ntimeouts: {{grace: {grace}}}\naccess_log: off\n\
                  sites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
                 up.addr
             ),
@@ -501,6 +501,8 @@ fn demo_shows_round_robin_over_three_replicas_and_stops_on_sigterm() {
         "127.0.0.1:0",
         "--storage",
         storage.path().to_str().expect("utf-8 path"),
+        "--admin",
+        "127.0.0.1:0",
     ]));
     let stdout = proc.child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();

@@ -117,11 +117,9 @@ impl Lease {
                     owner: owner.clone(),
                     expires: unix(SystemTime::now() + LEASE),
                 };
-                let tmp = path.with_extension(format!("renew-{owner}"));
                 let written = serde_json::to_vec(&content)
                     .map_err(io::Error::other)
-                    .and_then(|json| std::fs::write(&tmp, json))
-                    .and_then(|()| std::fs::rename(&tmp, &path));
+                    .and_then(|json| super::storage::write_file(&path, &json));
                 if let Err(e) = written {
                     tracing::warn!(lock = %path.display(), error = %e, "cannot renew the lock");
                 }

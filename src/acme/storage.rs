@@ -15,7 +15,6 @@
 //! (another instance) never sees half a certificate, and a certificate and its key change
 //! together.
 
-use crate::tls::internal::write_private;
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
@@ -72,12 +71,35 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     builder.create(dir)
 }
 
-/// Writes a file atomically, 0600, creating its folder.
+/// Writes a file atomically, 0600, creating its folder. The temporary file has a unique
+/// name: instances sharing storage may write the same file at the same time.
 pub fn write_file(path: &Path, data: &[u8]) -> io::Result<()> {
-    if let Some(parent) = path.parent() {
-        create_private_dir(parent)?;
+    use std::io::Write;
+    let parent = path.parent().unwrap_or(Path::new("."));
+    create_private_dir(parent)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(
+        ".{name}.{}-{:016x}.tmp",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    let written = (|| {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    write_private(path, data)
+    written
 }
 
 /// Seconds since the Unix epoch.
@@ -274,7 +296,8 @@ pub struct Status {
     /// When the next attempt is allowed after failures.
     #[serde(default)]
     pub next_attempt: Option<i64>,
-    /// Orders this storage has placed for these names (all instances together).
+    /// Orders attempted for these names from this storage (all instances together), the
+    /// ones the CA refused included.
     #[serde(default)]
     pub orders: u64,
 }

@@ -26,6 +26,8 @@ pub struct Config {
     /// How often upstream names are re-resolved.
     pub resolve_every: Duration,
     pub access_log: AccessLog,
+    /// Send `X-Gangway-Replica: <address>` with each proxied response (debugging).
+    pub replica_header: bool,
     /// Where gangway keeps state: the local CA, (later) ACME accounts and certificates.
     pub storage: PathBuf,
     /// `Strict-Transport-Security` value for HTTPS responses, when configured.
@@ -77,6 +79,8 @@ impl fmt::Debug for AcmeEab {
 pub struct Listen {
     pub http: SocketAddr,
     pub https: Option<SocketAddr>,
+    /// Metrics, status, health and the dashboard (`None`: `admin: off`).
+    pub admin: Option<SocketAddr>,
 }
 
 /// Where a site's certificate comes from.
@@ -153,6 +157,10 @@ impl Default for Timeouts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessLog {
     Text,
+    /// Common Log Format.
+    Common,
+    /// Combined Log Format (Common plus referer and user agent).
+    Combined,
     Json,
     Off,
 }

@@ -16,6 +16,7 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     pub resolve_every: Option<String>,
     pub access_log: Option<String>,
+    pub replica_header: Option<bool>,
     pub storage: Option<String>,
     pub hsts: Option<RawHsts>,
     pub acme: Option<RawAcme>,
@@ -52,6 +53,7 @@ pub struct RawHsts {
 pub struct RawListen {
     pub http: Option<String>,
     pub https: Option<String>,
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -249,6 +249,21 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         addr
     });
 
+    let admin = match raw.listen.admin.as_deref() {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+        Some("off") => None,
+        Some(text) => {
+            let addr = parse_listen(text);
+            if addr.is_none() {
+                c.bad(
+                    "listen.admin",
+                    format!("expected an address such as 127.0.0.1:9090, or off, found {text:?}"),
+                );
+            }
+            addr
+        }
+    };
+
     let mut trusted = Vec::new();
     for (i, text) in raw.trusted_proxies.iter().enumerate() {
         match parse_cidr(text) {
@@ -292,12 +307,14 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     c.resolve_every = resolve_every;
     let access_log = match raw.access_log.as_deref() {
         None | Some("text") => AccessLog::Text,
+        Some("common") => AccessLog::Common,
+        Some("combined") => AccessLog::Combined,
         Some("json") => AccessLog::Json,
         Some("off") => AccessLog::Off,
         Some(other) => {
             c.bad(
                 "access_log",
-                format!("expected one of text, json, off, found {other:?}"),
+                format!("expected one of text, common, combined, json, off, found {other:?}"),
             );
             AccessLog::Text
         }
@@ -341,11 +358,12 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     }
 
     Config {
-        listen: Listen { http, https },
+        listen: Listen { http, https, admin },
         trusted_proxies: TrustedProxies(trusted),
         timeouts,
         resolve_every,
         access_log,
+        replica_header: raw.replica_header.unwrap_or(false),
         storage,
         hsts,
         acme,

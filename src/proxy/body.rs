@@ -29,6 +29,34 @@ pub struct AccessRecord {
     pub bytes: u64,
     /// Why gangway answered itself, for error responses.
     pub error: Option<&'static str>,
+    pub version: http::Version,
+    pub referer: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    /// Generated, or taken from a trusted `X-Request-Id`; also sent upstream.
+    pub request_id: Option<HeaderValue>,
+    /// Time to the upstream's response head.
+    pub upstream_ms: Option<f64>,
+}
+
+/// `[04/Dec/2026:21:30:00 +0000]`, the Common Log Format time.
+fn clf_time() -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:02}/{}/{}:{:02}:{:02}:{:02} +0000",
+        t.day(),
+        MONTHS[usize::from(u8::from(t.month())) - 1],
+        t.year(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+fn text(v: &Option<HeaderValue>) -> &str {
+    v.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-")
 }
 
 impl AccessRecord {
@@ -45,7 +73,8 @@ impl AccessRecord {
             AccessLog::Off => {}
             AccessLog::Text => tracing::info!(
                 target: "access",
-                "{client} {method} {host} {path} {status} {replica} {ms:.1}ms {bytes}B{sep}{error}",
+                "{client} {method} {host} {path} {status} {replica} {ms:.1}ms {bytes}B id={id}{sep}{error}",
+                id = text(&self.request_id),
                 client = self.client,
                 method = self.method,
                 status = self.status.as_u16(),
@@ -53,16 +82,40 @@ impl AccessRecord {
                 sep = if self.error.is_some() { " " } else { "" },
                 error = self.error.unwrap_or(""),
             ),
+            AccessLog::Common | AccessLog::Combined => {
+                let mut line = format!(
+                    "{} - - [{}] \"{} {} {:?}\" {} {}",
+                    self.client,
+                    clf_time(),
+                    self.method,
+                    path,
+                    self.version,
+                    self.status.as_u16(),
+                    self.bytes
+                );
+                if self.format == AccessLog::Combined {
+                    line.push_str(&format!(
+                        " \"{}\" \"{}\"",
+                        text(&self.referer),
+                        text(&self.user_agent)
+                    ));
+                }
+                tracing::info!(target: "access", "{line}");
+            }
             AccessLog::Json => tracing::info!(
                 target: "access",
                 client = %self.client,
                 method = %self.method,
                 host,
                 path,
+                protocol = ?self.version,
                 status = self.status.as_u16(),
                 replica = %replica,
                 duration_ms = ms,
+                upstream_ms = self.upstream_ms,
                 bytes = self.bytes,
+                request_id = text(&self.request_id),
+                user_agent = text(&self.user_agent),
                 error = self.error,
             ),
         }

@@ -4,6 +4,7 @@ pub mod body;
 pub mod headers;
 pub mod router;
 
+use crate::admin::stats::ServerStats;
 use crate::config::{AccessLog, Balance, Config, Timeouts, TrustedProxies, UpstreamProtocol};
 use crate::upstream::PickCtx;
 use crate::upstream::Replica;
@@ -21,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use router::Router;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// What the server knows about the connection a request came on.
@@ -42,6 +44,10 @@ pub struct Proxy {
     /// The https listener's port, for redirects (none: no https listener).
     https_port: Option<u16>,
     hsts: Option<HeaderValue>,
+    /// Counters shared by every generation of the server.
+    pub stats: Arc<ServerStats>,
+    /// Send `X-Gangway-Replica` with each proxied response.
+    replica_header: bool,
     /// HTTP-01 challenge responses (read from ACME storage), when ACME is configured.
     acme: Option<crate::acme::Challenges>,
 }
@@ -100,8 +106,10 @@ enum Attempt {
 
 impl Proxy {
     /// `https_port` is the bound https listener's port, if there is one.
-    pub fn new(config: &Config, https_port: Option<u16>) -> Proxy {
+    pub fn new(config: &Config, https_port: Option<u16>, stats: Arc<ServerStats>) -> Proxy {
         Proxy {
+            stats,
+            replica_header: config.replica_header,
             router: Router::new(config),
             trusted: config.trusted_proxies.clone(),
             timeouts: config.timeouts,
@@ -131,7 +139,7 @@ impl Proxy {
         resp
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+    async fn forward(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let start = Instant::now();
         // HTTP/2 carries the host in :authority; HTTP/1.1 in Host.
         let host = match req.headers().get(header::HOST) {
@@ -153,6 +161,11 @@ impl Proxy {
                 start,
                 bytes: 0,
                 error: None,
+                version: req.version(),
+                referer: req.headers().get(header::REFERER).cloned(),
+                user_agent: req.headers().get(header::USER_AGENT).cloned(),
+                request_id: None,
+                upstream_ms: None,
             })
         });
         let Some(host) = host else {
@@ -183,6 +196,7 @@ impl Proxy {
             return resp;
         }
         let Some(site) = self.router.site(host_str) else {
+            self.stats.unrouted.fetch_add(1, Ordering::Relaxed);
             return fail(Failure::NoSite, log, host_str);
         };
         if site.tls
@@ -193,7 +207,49 @@ impl Proxy {
             return redirect_to_https(host_str, port, req.uri(), log);
         }
         let Some(route) = site.route(req.uri().path()) else {
+            self.stats.unrouted.fetch_add(1, Ordering::Relaxed);
             return fail(Failure::NoRoute, log, host_str);
+        };
+        let resp = self
+            .forward_on_route(req, conn, route, host.clone(), log, start)
+            .await;
+        route
+            .backend
+            .stats
+            .traffic
+            .record(resp.status().as_u16(), start.elapsed());
+        resp
+    }
+
+    /// The request id sent upstream: a trusted peer's `X-Request-Id` when it is sane, else a
+    /// new random one (a client must not choose the id other systems correlate by).
+    fn request_id(&self, headers: &mut http::HeaderMap, peer: std::net::IpAddr) -> HeaderValue {
+        if self.trusted.contains(peer)
+            && let Some(v) = headers.get(&X_REQUEST_ID)
+            && !v.is_empty()
+            && v.len() <= 200
+            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        {
+            return v.clone();
+        }
+        let id = format!("{:032x}", fastrand::u128(..));
+        let value = HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("-"));
+        headers.insert(&X_REQUEST_ID, value.clone());
+        value
+    }
+
+    /// Forwards a routed request to one of the route's replicas.
+    async fn forward_on_route(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        route: &router::RouteEntry,
+        host: HeaderValue,
+        mut log: Option<Box<AccessRecord>>,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        let Ok(host_str) = host.to_str() else {
+            return fail(Failure::BadRequest("invalid Host header"), log, "");
         };
 
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
@@ -244,8 +300,10 @@ impl Proxy {
             },
             &self.trusted,
         );
+        let request_id = self.request_id(&mut parts.headers, conn.peer.ip());
         if let Some(l) = log.as_mut() {
             l.client = client;
+            l.request_id = Some(request_id);
         }
 
         let backend = &route.backend;
@@ -294,31 +352,55 @@ impl Proxy {
             let passive = backend.policy.passive.as_ref();
             match attempt {
                 Attempt::Sent(resp, sender) => {
+                    let upstream = start.elapsed();
+                    replica
+                        .stats
+                        .traffic
+                        .record(resp.status().as_u16(), upstream);
+                    if let Some(l) = log.as_mut() {
+                        l.upstream_ms = Some(upstream.as_secs_f64() * 1000.0);
+                    }
                     if matches!(resp.status().as_u16(), 502..=504) {
                         replica.report_failure(passive);
                     } else {
                         replica.report_success();
                     }
+                    let replica_header = self.replica_header;
                     let mut resp =
                         self.respond(resp, sender, replica, client_upgrade, log, in_flight);
                     if backend.policy.balance == Balance::Cookie && sticky != Some(replica.id) {
                         set_sticky_cookie(&mut resp, replica.id, conn.proto == "https");
+                    }
+                    if replica_header {
+                        let mut buf = String::with_capacity(48);
+                        let _ =
+                            std::fmt::Write::write_fmt(&mut buf, format_args!("{}", replica.addr));
+                        if let Ok(v) = HeaderValue::from_str(&buf) {
+                            resp.headers_mut().insert(&X_GANGWAY_REPLICA, v);
+                        }
                     }
                     return resp;
                 }
                 Attempt::NotConnected(back, e) => {
                     // Nothing was sent: always safe to try the next replica.
                     tracing::warn!(replica = %replica.addr, error = %e, "replica unreachable, trying the next one");
+                    replica
+                        .stats
+                        .connect_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    backend.stats.failovers.fetch_add(1, Ordering::Relaxed);
                     replica.report_failure(passive);
                     backend.resolve_now.notify_one();
                     last_error = format!("{}: {e}", replica.addr);
                     req = back;
                 }
                 Attempt::Failed(Failure::UpstreamBroken, detail) => {
+                    replica.stats.broken.fetch_add(1, Ordering::Relaxed);
                     replica.report_failure(passive);
                     sent += 1;
                     match &copy {
                         Some(copy) if sent < retries.attempts => {
+                            backend.stats.retries.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(replica = %replica.addr, error = %detail, "upstream failed; retrying on another replica");
                             last_error = format!("{}: {detail}", replica.addr);
                             req = copy.rebuild();
@@ -327,6 +409,8 @@ impl Proxy {
                     }
                 }
                 Attempt::Failed(failure, detail) => {
+                    // The replica got the request and did not answer in time.
+                    replica.stats.broken.fetch_add(1, Ordering::Relaxed);
                     replica.report_failure(passive);
                     return fail(failure, log, &detail);
                 }
@@ -446,9 +530,11 @@ impl Proxy {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let addr = replica.addr;
+                let stats = Arc::clone(&self.stats);
                 tokio::spawn(async move {
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((client, upstream)) => {
+                            let _open = crate::admin::stats::GaugeGuard::new(&stats.websockets);
                             let mut client = TokioIo::new(client);
                             let mut upstream = TokioIo::new(upstream);
                             if let Err(e) =
@@ -513,6 +599,8 @@ impl RequestCopy {
 }
 
 const STICKY_COOKIE: &str = "gw_sticky";
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+static X_GANGWAY_REPLICA: http::HeaderName = http::HeaderName::from_static("x-gangway-replica");
 
 /// The replica id in a `gw_sticky` cookie, if any.
 fn sticky_cookie(headers: &http::HeaderMap) -> Option<u64> {

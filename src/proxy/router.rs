@@ -49,6 +49,11 @@ impl Router {
                     HostPattern::Any => router.any = Some(i),
                 }
             }
+            let site_name = site
+                .hosts
+                .first()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
             let routes = site
                 .routes
                 .iter()
@@ -58,11 +63,10 @@ impl Router {
                         .strip_prefix
                         .then(|| r.path.trim_end_matches('/').to_owned())
                         .filter(|p| !p.is_empty()),
-                    backend: Arc::new(Backend::new(
-                        r.upstreams.clone(),
-                        r.upstream_protocol,
-                        r.policy.clone(),
-                    )),
+                    backend: Arc::new(
+                        Backend::new(r.upstreams.clone(), r.upstream_protocol, r.policy.clone())
+                            .labeled(&site_name, &r.path),
+                    ),
                 })
                 .collect();
             router.sites.push(SiteEntry {

@@ -2,6 +2,10 @@
 
 mod timed_io;
 
+use crate::admin::{
+    self,
+    stats::{GaugeGuard, ServerStats},
+};
 use crate::config::Config;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::tls;
@@ -15,6 +19,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use timed_io::{Activity, TimedIo};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +31,8 @@ use tokio_util::task::TaskTracker;
 pub struct Listeners {
     pub http: TcpListener,
     pub https: Option<TcpListener>,
+    /// The admin listener (metrics, status, health, dashboard).
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -34,18 +41,23 @@ impl Listeners {
         let http = TcpListener::bind(listen.http).await.map_err(|e| {
             io::Error::new(e.kind(), format!("cannot listen on {}: {e}", listen.http))
         })?;
-        let https =
-            match listen.https {
-                Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-                })?),
-                None => None,
-            };
-        Ok(Listeners { http, https })
+        let https = match listen.https {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let admin = match listen.admin {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Listeners { http, https, admin })
     }
 
     pub fn http_only(http: TcpListener) -> Listeners {
-        Listeners { http, https: None }
+        Listeners {
+            http,
+            https: None,
+            admin: None,
+        }
     }
 }
 
@@ -81,6 +93,7 @@ async fn build_generation(
     resolver: &Arc<dyn Resolve>,
     previous: Option<&Generation>,
     shutdown: &CancellationToken,
+    stats: &Arc<ServerStats>,
 ) -> io::Result<Generation> {
     let stop = shutdown.child_token();
     let tls = match https_port {
@@ -107,7 +120,7 @@ async fn build_generation(
         }
         None => None,
     };
-    let proxy = Arc::new(Proxy::new(&config, https_port));
+    let proxy = Arc::new(Proxy::new(&config, https_port, Arc::clone(stats)));
     let backends = proxy.router.backends();
     if let Some(prev) = previous {
         let old = prev.proxy.router.backends();
@@ -144,6 +157,7 @@ struct Shared {
     builder: Arc<auto::Builder<TokioExecutor>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    stats: Arc<ServerStats>,
 }
 
 impl Shared {
@@ -186,13 +200,26 @@ pub async fn run_with_reload(
         None => None,
     };
     let (cfg_http, cfg_https) = (config.listen.http, config.listen.https);
-    let generation = build_generation(config, https_port, &resolver, None, &shutdown).await?;
+    let stats = Arc::new(ServerStats::default());
+    let generation =
+        build_generation(config, https_port, &resolver, None, &shutdown, &stats).await?;
     let shared = Shared {
         state: Arc::new(ArcSwap::from_pointee(generation)),
         builder: Arc::new(http_builder()),
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
+        stats: Arc::clone(&stats),
     };
+    // The admin listener outlives the drain, so health checks see it.
+    let admin_stop = CancellationToken::new();
+    if let Some(admin) = listeners.admin {
+        tokio::spawn(admin::serve(
+            admin,
+            Arc::clone(&shared.state),
+            Arc::clone(&stats),
+            admin_stop.clone(),
+        ));
+    }
     let mut http = shared.start(listeners.http, cfg_http, false);
     let mut https = match (listeners.https, cfg_https) {
         (Some(l), Some(addr)) => Some(shared.start(l, addr, true)),
@@ -225,6 +252,7 @@ pub async fn run_with_reload(
                         tracing::error!("{}", issue.trim());
                     }
                     tracing::error!("config rejected; still running the previous one");
+                    stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
             };
@@ -238,8 +266,12 @@ pub async fn run_with_reload(
             )
             .await
             {
-                Ok(()) => tracing::info!("config reloaded"),
+                Ok(()) => {
+                    stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("config reloaded")
+                }
                 Err(e) => {
+                    stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "reload failed; still running the previous config")
                 }
             }
@@ -248,6 +280,7 @@ pub async fn run_with_reload(
         shutdown.cancelled().await;
     }
 
+    stats.draining.store(true, Ordering::Relaxed);
     http.stop.cancel();
     if let Some(h) = &https {
         h.stop.cancel();
@@ -268,6 +301,7 @@ pub async fn run_with_reload(
         );
     }
     shared.state.load().stop.cancel();
+    admin_stop.cancel();
     tracing::info!("stopped");
     Ok(())
 }
@@ -298,7 +332,15 @@ async fn reload_to(
         (None, None) => None,
     };
     let old = shared.state.load_full();
-    let generation = build_generation(config, port, resolver, Some(&old), &shared.shutdown).await?;
+    let generation = build_generation(
+        config,
+        port,
+        resolver,
+        Some(&old),
+        &shared.shutdown,
+        &shared.stats,
+    )
+    .await?;
     let (cfg_http, cfg_https) = (
         generation.config.listen.http,
         generation.config.listen.https,
@@ -385,6 +427,7 @@ async fn serve_connection(stream: TcpStream, https: bool, shared: Shared) {
         state,
         builder,
         shutdown,
+        stats,
         ..
     } = shared;
     let generation = state.load_full();
@@ -415,22 +458,35 @@ async fn serve_connection(stream: TcpStream, https: bool, shared: Shared) {
         local_port: local.port(),
         proto,
     };
+    let request_stats = Arc::clone(&stats);
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&state.load().proxy);
         let busy = activity.begin();
+        let stats = Arc::clone(&request_stats);
         async move {
+            stats.in_flight.fetch_add(1, Ordering::Relaxed);
             let resp = proxy.handle(req, &info).await;
+            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(busy);
             Ok::<_, Infallible>(resp)
         }
     });
     match tls {
-        None => serve_http(TokioIo::new(io), &builder, service, &shutdown, peer).await,
+        None => {
+            let _open = GaugeGuard::new(&stats.connections_h1);
+            serve_http(TokioIo::new(io), &builder, service, &shutdown, peer).await
+        }
         Some(tls) => {
             let handshake =
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, tls_handshake(io, &tls, local.ip(), peer));
             match handshake.await {
                 Ok(Some(stream)) => {
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let _open = GaugeGuard::new(if h2 {
+                        &stats.connections_h2
+                    } else {
+                        &stats.connections_h1
+                    });
                     serve_http(TokioIo::new(stream), &builder, service, &shutdown, peer).await
                 }
                 Ok(None) => {}
@@ -474,7 +530,7 @@ where
             None => None,
         };
         let Some(config) = config else {
-            tracing::warn!(peer = %peer, sni = ?sni, "acme-tls/1 handshake for a name with no validation under way");
+            tracing::debug!(peer = %peer, sni = ?sni, "acme-tls/1 handshake for a name with no validation under way");
             let _ = start.io.write_all(&tls::UNRECOGNIZED_NAME_ALERT).await;
             let _ = start.io.shutdown().await;
             return None;

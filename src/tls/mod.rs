@@ -74,6 +74,31 @@ impl CertStore {
             || self.any.is_some()
     }
 
+    /// Every configured name with the expiry (unix seconds) of the certificate it serves
+    /// now; `None` while it has none (an ACME site waiting for its certificate).
+    pub fn certificates(&self) -> Vec<(String, Option<i64>)> {
+        let expiry = |slot: &CertSlot| {
+            slot.load_full().and_then(|ck| {
+                let leaf = ck.cert.first()?;
+                let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+                Some(cert.validity().not_after.timestamp())
+            })
+        };
+        let mut out: Vec<(String, Option<i64>)> = self
+            .exact
+            .iter()
+            .map(|(name, slot)| (name.clone(), expiry(slot)))
+            .chain(
+                self.suffix
+                    .iter()
+                    .map(|(suffix, slot)| (format!("*{suffix}"), expiry(slot))),
+            )
+            .chain(self.any.iter().map(|slot| ("*".to_owned(), expiry(slot))))
+            .collect();
+        out.sort();
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.suffix.is_empty() && self.any.is_none()
     }

@@ -8,6 +8,7 @@ pub mod health;
 pub mod pool;
 pub mod resolve;
 
+use crate::admin::stats::{ReplicaStats, RouteStats, unix_now};
 use crate::config::{Balance, Passive, Policy, UpstreamAddr, UpstreamProtocol};
 use arc_swap::ArcSwap;
 use pool::{ConnPool, H2Slot};
@@ -38,6 +39,8 @@ pub struct Replica {
     pub h2: H2Slot,
     /// Requests being handled by this replica now (least_conn, random).
     pub in_flight: AtomicUsize,
+    /// What it answered, for /metrics and /status.
+    pub stats: ReplicaStats,
     /// Set by the active check; true when there is none.
     active_ok: AtomicBool,
     /// Passive health: consecutive failures, and out of rotation until this time.
@@ -56,6 +59,7 @@ impl Replica {
             pool: ConnPool::default(),
             h2: H2Slot::default(),
             in_flight: AtomicUsize::new(0),
+            stats: ReplicaStats::default(),
             // A replica that is actively checked gets traffic only once it passed.
             active_ok: AtomicBool::new(!checked),
             failures: AtomicU32::new(0),
@@ -74,7 +78,18 @@ impl Replica {
     }
 
     pub(crate) fn set_active(&self, ok: bool) -> bool {
-        self.active_ok.swap(ok, Ordering::Relaxed) != ok
+        let changed = self.active_ok.swap(ok, Ordering::Relaxed) != ok;
+        if changed {
+            self.stats
+                .health_changed
+                .store(unix_now(), Ordering::Relaxed);
+        }
+        changed
+    }
+
+    /// Out of rotation by passive health right now?
+    pub fn passive_down(&self) -> bool {
+        self.down_until.load(Ordering::Relaxed) > now_ms()
     }
 
     /// A request to this replica failed in a way that points at the replica (connect error,
@@ -89,6 +104,9 @@ impl Replica {
             let cooldown = p.cooldown * (1u32 << relapses);
             self.down_until
                 .store(now_ms() + cooldown.as_millis() as u64, Ordering::Relaxed);
+            self.stats
+                .health_changed
+                .store(unix_now(), Ordering::Relaxed);
             tracing::warn!(replica = %self.addr, failures = n, cooldown = ?cooldown, "replica taken out of rotation");
         }
     }
@@ -171,6 +189,10 @@ pub struct Backend {
     pub resolve_now: Notify,
     /// Wakes the health checker (membership changed).
     pub members_changed: Notify,
+    /// The site (its first host) and route path, for metrics and status.
+    pub site: String,
+    pub path: String,
+    pub stats: RouteStats,
 }
 
 impl Backend {
@@ -183,7 +205,17 @@ impl Backend {
             next: AtomicUsize::new(0),
             resolve_now: Notify::new(),
             members_changed: Notify::new(),
+            site: String::new(),
+            path: String::new(),
+            stats: RouteStats::default(),
         }
+    }
+
+    /// Names the backend after its site and route (metrics labels).
+    pub fn labeled(mut self, site: &str, path: &str) -> Self {
+        self.site = site.to_owned();
+        self.path = path.to_owned();
+        self
     }
 
     /// Takes over the replicas (with their health, load and connections) of the same

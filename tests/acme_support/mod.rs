@@ -405,10 +405,8 @@ impl Instance {
     pub fn start(yaml: &str, bound: Bound) -> Instance {
         let config = Config::parse(yaml, "acme-test.yaml").unwrap_or_else(|e| panic!("{e}"));
         let stop = CancellationToken::new();
-        let listeners = gangway::server::Listeners {
-            http: bound.http,
-            https: Some(bound.https),
-        };
+        let mut listeners = gangway::server::Listeners::http_only(bound.http);
+        listeners.https = Some(bound.https);
         let task = tokio::spawn(gangway::server::run(
             config,
             listeners,

@@ -271,6 +271,8 @@ pub struct Gangway {
     pub addr: SocketAddr,
     /// The https listener, when the config has `listen.https`.
     pub https_addr: Option<SocketAddr>,
+    /// The admin listener (on unless the config says `admin: off`).
+    pub admin_addr: Option<SocketAddr>,
     pub stop: CancellationToken,
     pub task: JoinHandle<std::io::Result<()>>,
 }
@@ -314,10 +316,16 @@ impl Gangway {
             None => None,
         };
         let https_addr = https.as_ref().map(|l| l.local_addr().expect("addr"));
+        let admin = match config.listen.admin {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.expect("bind admin")),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().expect("addr"));
         let stop = CancellationToken::new();
         let listeners = gangway::server::Listeners {
             http: listener,
             https,
+            admin,
         };
         let task = tokio::spawn(gangway::server::run_with_reload(
             config,
@@ -329,6 +337,7 @@ impl Gangway {
         Gangway {
             addr,
             https_addr,
+            admin_addr,
             stop,
             task,
         }
