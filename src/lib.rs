@@ -8,6 +8,7 @@ pub mod acme;
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod load;
 pub mod proxy;
 pub mod server;
 pub mod tls;

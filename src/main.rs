@@ -63,6 +63,41 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Send load to a URL and show how the replicas behind gangway shared it.
+    Load {
+        url: String,
+        /// Number of requests [default: 1000 unless -d is given].
+        #[arg(short = 'n', long)]
+        requests: Option<u64>,
+        /// Run for this long instead (e.g. 10s).
+        #[arg(short = 'd', long)]
+        duration: Option<String>,
+        /// Concurrent connections.
+        #[arg(short = 'c', long, default_value_t = 10)]
+        concurrency: usize,
+        /// Speak HTTP/2 (over TLS by ALPN, or h2c for http://).
+        #[arg(long)]
+        http2: bool,
+        /// Accept any server certificate.
+        #[arg(short = 'k', long)]
+        insecure: bool,
+        /// Trust this PEM CA instead of the built-in roots.
+        #[arg(long)]
+        cacert: Option<PathBuf>,
+        /// Extra header, "Name: value" (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Request method.
+        #[arg(short = 'm', long, default_value = "GET")]
+        method: String,
+        /// gangway's admin address, to count replicas when responses carry no
+        /// X-Gangway-Replica header.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start the proxy in front of three built-in demo replicas.
     Demo {
         /// Where the demo proxy listens for plain HTTP.
@@ -109,6 +144,34 @@ fn main() -> ExitCode {
                 replicas,
             } => demo(listen, https, admin, storage, replicas).await,
             Command::Health { config, url } => health(config, url).await,
+            Command::Load {
+                url,
+                requests,
+                duration,
+                concurrency,
+                http2,
+                insecure,
+                cacert,
+                headers,
+                method,
+                admin,
+                json,
+            } => {
+                load(
+                    url,
+                    requests,
+                    duration,
+                    concurrency,
+                    http2,
+                    insecure,
+                    cacert,
+                    headers,
+                    method,
+                    admin,
+                    json,
+                )
+                .await
+            }
         }
     })
 }
@@ -206,6 +269,92 @@ async fn run(path: PathBuf) -> ExitCode {
         Err(e) => {
             eprintln!("gangway: {e}");
             ExitCode::from(EX_START)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn load(
+    url: String,
+    requests: Option<u64>,
+    duration: Option<String>,
+    concurrency: usize,
+    http2: bool,
+    insecure: bool,
+    cacert: Option<PathBuf>,
+    headers: Vec<String>,
+    method: String,
+    admin: String,
+    json: bool,
+) -> ExitCode {
+    let usage = |msg: String| {
+        eprintln!("gangway load: {msg}");
+        ExitCode::from(EX_USAGE)
+    };
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return usage(format!("not a URL: {url}"));
+    };
+    if !matches!(uri.scheme_str(), Some("http") | Some("https")) || uri.host().is_none() {
+        return usage(format!("expected an http:// or https:// URL, got {url}"));
+    }
+    let duration = match duration.as_deref().map(gangway::config::parse_duration) {
+        None => None,
+        Some(Some(d)) => Some(d),
+        Some(None) => return usage("-d expects a duration such as 10s".into()),
+    };
+    let mut parsed = Vec::new();
+    for h in &headers {
+        let Some((k, v)) = h.split_once(':') else {
+            return usage(format!("header {h:?} is not \"Name: value\""));
+        };
+        match (
+            k.trim().parse::<http::HeaderName>(),
+            http::HeaderValue::from_str(v.trim()),
+        ) {
+            (Ok(k), Ok(v)) => parsed.push((k, v)),
+            _ => return usage(format!("header {h:?} is not valid")),
+        }
+    }
+    let Ok(method) = method.to_ascii_uppercase().parse::<http::Method>() else {
+        return usage(format!("not a method: {method}"));
+    };
+    let status_url = if admin == "off" {
+        None
+    } else {
+        format!("http://{admin}/status").parse().ok()
+    };
+    let spec = gangway::load::LoadSpec {
+        url: uri,
+        requests: requests.or(if duration.is_some() { None } else { Some(1000) }),
+        duration,
+        concurrency: concurrency.max(1),
+        http2,
+        insecure,
+        cacert,
+        headers: parsed,
+        method,
+        status_url,
+        progress: !json,
+    };
+    match gangway::load::run(spec).await {
+        Ok(report) => {
+            if json {
+                emit(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                ));
+            } else {
+                emit(&gangway::load::render(&report));
+            }
+            if report.errors > 0 && report.requests == 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("gangway load: {e}");
+            ExitCode::from(1)
         }
     }
 }

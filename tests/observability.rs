@@ -151,3 +151,81 @@ async fn request_ids_are_generated_unless_a_trusted_proxy_sent_one() {
     .await;
     assert_eq!(a.last().headers.get("x-request-id").unwrap(), "lb-7f3a");
 }
+
+/// Runs `gangway load` (the binary) and parses its JSON report.
+async fn load_json(args: Vec<String>) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gangway"))
+            .arg("load")
+            .args(args)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("run gangway load");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_reports_the_exact_distribution() {
+    let ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    // From the X-Gangway-Replica header.
+    let gw = Gangway::start(&catch_all(
+        &[&ups[0], &ups[1], &ups[2]],
+        "replica_header: true",
+    ))
+    .await;
+    let report = load_json(vec![
+        format!("http://{}/", gw.addr),
+        "-n".into(),
+        "300".into(),
+        "-c".into(),
+        "4".into(),
+        "--admin".into(),
+        "off".into(),
+        "--json".into(),
+    ])
+    .await;
+    assert_eq!(report["requests"], 300);
+    assert_eq!(report["errors"], 0);
+    assert_eq!(report["replicas_from"], "header");
+    let shares = report["replicas"].as_array().unwrap();
+    assert_eq!(shares.len(), 3);
+    for s in shares {
+        assert_eq!(s["requests"], 100, "{report}");
+        assert_eq!(s["deviation_points"], 0.0);
+    }
+    assert_eq!(report["statuses"]["200"], 300);
+
+    // Without the header: from the admin /status before and after.
+    let gw2 = Gangway::start(&catch_all(&[&ups[0], &ups[1], &ups[2]], "")).await;
+    let report = load_json(vec![
+        format!("http://{}/", gw2.addr),
+        "-n".into(),
+        "150".into(),
+        "-c".into(),
+        "3".into(),
+        "--admin".into(),
+        gw2.admin_addr.unwrap().to_string(),
+        "--json".into(),
+    ])
+    .await;
+    assert_eq!(report["replicas_from"], "status");
+    let counts: Vec<u64> = report["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["requests"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, vec![50, 50, 50], "{report}");
+}

@@ -8,6 +8,7 @@ mod raw;
 mod validate;
 
 pub use locate::Pos;
+pub use validate::parse_duration;
 
 use ipnet::IpNet;
 use rustls::sign::CertifiedKey;

@@ -1,0 +1,1625 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: gangway against nginx, HAProxy and Caddy on loopback.
+
+One command, standard library only:
+
+    python3 benches/run.py [--quick] [--scenarios 1,3,5] [--rounds 3] [--duration 10]
+                           [--workers 1|2|1,2] [--out benches/results]
+
+See benches/README.md for what each scenario means and how the figures are computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_BODY = "hello world\n"  # 12 bytes, the body of scenario 1's anchors
+BIG_SIZE = 64 * 1024
+MAX_DURATION = 15.0
+PROXIES = ["gangway", "nginx", "haproxy", "caddy"]
+NOFILE = 65536
+
+
+# --------------------------------------------------------------------------------------
+# Scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: int
+    name: str
+    tool: str  # wrk | h2load | idle
+    tls: bool
+    path: str = "/"
+    conns: int = 50
+    streams: int = 1
+    close: bool = False
+    baseline: bool = False  # also measure wrk straight against a backend
+
+    @property
+    def short(self) -> str:
+        return f"{self.id} {self.name}"
+
+
+SCENARIOS = {
+    1: Scenario(1, "plain HTTP/1.1 keep-alive, 12 B", "wrk", False, baseline=True),
+    2: Scenario(2, "plain HTTP/1.1 keep-alive, 64 KiB", "wrk", False, path="/64k.bin",
+                baseline=True),
+    3: Scenario(3, "HTTPS HTTP/1.1 keep-alive, 12 B", "wrk", True),
+    4: Scenario(4, "HTTP/2 over TLS, 50 conns x 10 streams", "h2load", True, streams=10),
+    5: Scenario(5, "new TLS handshake per request", "wrk", True, close=True),
+    6: Scenario(6, "10 000 idle keep-alive connections (memory)", "idle", False,
+                conns=10000),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def raise_nofile() -> None:
+    """Lift the open-files limit as far as allowed (10 000 idle connections need it): to
+    NOFILE where the hard limit may be raised (CAP_SYS_RESOURCE), else soft = hard."""
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+        return
+    except (ValueError, OSError):
+        pass
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def nofile_limit() -> int:
+    raise_nofile()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else NOFILE
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports picked by binding port 0 (all sockets held until every port is chosen)."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def wait_port(port: int, proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with status {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def readline_timeout(pipe, timeout: float) -> bytes:
+    """One line from a child's stdout pipe, or b"" after `timeout` seconds."""
+    fd = pipe.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b""
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return b""
+        chunk = os.read(fd, 1)
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
+
+
+def cmd_output(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        return (r.stdout + r.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e})"
+
+
+# --------------------------------------------------------------------------------------
+# /proc: CPU time and memory of a process group, busy time of CPUs
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(rest[2]) == pgid:
+            pids.append(int(entry))
+    return pids
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """utime+stime of every live process of the group (all threads included)."""
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            total += int(rest[11]) + int(rest[12])
+        except (OSError, IndexError):
+            continue
+    return total / CLK_TCK
+
+
+def group_memory_kib(pgid: int) -> tuple[int, int, int]:
+    """(sum of VmRSS, sum of VmHWM, number of processes) over the group."""
+    rss = hwm = n = 0
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                text = f.read()
+        except OSError:
+            continue
+        n += 1
+        m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
+        rss += int(m.group(1)) if m else 0
+        m = re.search(r"^VmHWM:\s+(\d+) kB", text, re.M)
+        hwm += int(m.group(1)) if m else 0
+    return rss, hwm, n
+
+
+def cpu_times() -> dict[int, tuple[int, int, int]]:
+    """Per CPU: (busy ticks, total ticks, irq+softirq ticks) from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            m = re.match(r"cpu(\d+)\s+(.*)", line)
+            if not m:
+                continue
+            vals = [int(v) for v in m.group(2).split()] + [0] * 8
+            idle = vals[3] + vals[4]
+            total = sum(vals[:8])
+            out[int(m.group(1))] = (total - idle, total, vals[5] + vals[6])
+    return out
+
+
+def busy_percent(before, after, cpus: list[int], column: int = 0) -> float | None:
+    """Share of the CPUs' time that was busy (column 0) or in interrupts (column 2)."""
+    busy = total = 0
+    for c in cpus:
+        if c in before and c in after:
+            busy += after[c][column] - before[c][column]
+            total += after[c][1] - before[c][1]
+    return round(100.0 * busy / total, 1) if total else None
+
+
+# --------------------------------------------------------------------------------------
+# Processes: every one started here is in its own process group and is killed at exit
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.live: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], cpus: str, log_path: Path, env: dict | None = None,
+              stdout_pipe: bool = False, cwd: Path | None = None) -> subprocess.Popen:
+        full = ["taskset", "-c", cpus, *argv]
+        logf = open(log_path, "ab")
+        try:
+            p = subprocess.Popen(
+                full,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout_pipe else logf,
+                stderr=logf,
+                start_new_session=True,
+                env=env,
+                cwd=cwd,
+                preexec_fn=raise_nofile,
+            )
+        finally:
+            logf.close()
+        self.live.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, grace: float = 5.0) -> None:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is left in the group (workers of a master that exited, etc.).
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if p.stdout:
+            p.stdout.close()
+        if p in self.live:
+            self.live.remove(p)
+
+    def stop_all(self) -> None:
+        for p in list(reversed(self.live)):
+            self.stop(p, grace=2.0)
+
+
+def run_tool(procs: Procs, argv: list[str], cpus: str, timeout: float, log_path: Path) -> str:
+    """Runs a load generator to completion (bounded) and returns its output."""
+    out_path = log_path.with_suffix(".out")
+    with open(out_path, "wb") as out:
+        full = ["taskset", "-c", cpus, *argv]
+        p = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True,
+                             preexec_fn=raise_nofile)
+        procs.live.append(p)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            procs.stop(p)
+            raise RuntimeError(f"{argv[0]} did not finish within {timeout:.0f} s")
+        finally:
+            if p in procs.live:
+                procs.live.remove(p)
+    text = out_path.read_text(errors="replace")
+    if p.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited with status {p.returncode}: {text[-600:]}")
+    return text
+
+
+# --------------------------------------------------------------------------------------
+# Installing what is missing
+
+
+TOOLS = {  # binary: Debian package
+    "nginx": "nginx",
+    "haproxy": "haproxy",
+    "caddy": "caddy",
+    "wrk": "wrk",
+    "h2load": "nghttp2-client",
+    "openssl": "openssl",
+    "taskset": "util-linux",
+}
+
+
+def ensure_tools(install: bool) -> dict[str, str | None]:
+    found = {b: shutil.which(b) for b in TOOLS}
+    missing = [b for b, p in found.items() if p is None]
+    if missing and install:
+        pkgs = sorted({TOOLS[b] for b in missing})
+        if os.geteuid() != 0:
+            log(f"missing {', '.join(missing)}; not root, so not installing {' '.join(pkgs)}")
+        else:
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            log(f"installing from Debian: {' '.join(pkgs)} (apt-get update first)")
+            subprocess.run(["apt-get", "update"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.STDOUT, timeout=600)
+            r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *pkgs],
+                               env=env, capture_output=True, text=True, timeout=1200)
+            if r.returncode != 0:
+                # One missing package (caddy is not in every archive) must not block the rest.
+                for pkg in pkgs:
+                    r1 = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends",
+                                         pkg], env=env, capture_output=True, text=True,
+                                        timeout=1200)
+                    if r1.returncode != 0:
+                        last = (r1.stderr.strip().splitlines() or ["?"])[-1]
+                        log(f"cannot install {pkg}: {last}")
+        found = {b: shutil.which(b) for b in TOOLS}
+    for b, p in found.items():
+        if p is None:
+            log(f"not available: {b} (Debian package {TOOLS[b]})")
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# Config generation
+
+
+NGINX_TEMP = """\
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+"""
+
+
+def backend_nginx_conf(tmp: Path, ports: list[int], status_port: int, workers: int) -> str:
+    servers = []
+    for i, port in enumerate(ports, 1):
+        servers.append(f"""
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            add_header X-Backend b{i};
+            return 200 "{SMALL_BODY.strip()}\\n";
+        }}
+        location = /64k.bin {{
+            add_header X-Backend b{i};
+            root {tmp}/www;
+        }}
+    }}""")
+    return f"""\
+user root;
+worker_processes {workers};
+daemon off;
+pid {tmp}/backend.pid;
+error_log {tmp}/backend-error.log warn;
+worker_rlimit_nofile {nofile_limit()};
+events {{ worker_connections 20480; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    etag off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+{NGINX_TEMP.format(d=tmp / 'backend-temp')}
+{''.join(servers)}
+    server {{
+        listen 127.0.0.1:{status_port};
+        location / {{ stub_status; }}
+    }}
+}}
+"""
+
+
+@dataclass
+class RunCfg:
+    """What one proxy run needs to know to write its config."""
+    tmp: Path
+    scen: Scenario
+    workers: int
+    port: int  # the port the load generator targets
+    spare_port: int  # gangway always has a plain listener, even in TLS scenarios
+    backends: list[int]
+    cert: Path
+    key: Path
+    combined_pem: Path
+    idle_conns: int = 10000
+
+    @property
+    def max_conns(self) -> int:
+        # Enough for the scenario's clients plus upstream connections; nginx preallocates
+        # its connection table, so the large value is only used where it is needed.
+        return self.idle_conns + 1024 if self.scen.tool == "idle" else 4096
+
+
+def nginx_conf(c: RunCfg) -> str:
+    ups = "\n".join(f"        server 127.0.0.1:{p};" for p in c.backends)
+    if c.scen.tls:
+        listen = f"listen 127.0.0.1:{c.port} ssl http2 backlog=4096;"
+        tls = (f"        ssl_certificate {c.cert};\n"
+               f"        ssl_certificate_key {c.key};\n"
+               f"        ssl_protocols TLSv1.2 TLSv1.3;\n")
+    else:
+        listen = f"listen 127.0.0.1:{c.port} backlog=4096;"
+        tls = ""
+    d = c.tmp / "nginx"
+    return f"""\
+user root;
+worker_processes {c.workers};
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile {nofile_limit()};
+events {{ worker_connections {c.max_conns}; }}
+http {{
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+{NGINX_TEMP.format(d=d)}
+    upstream backends {{
+{ups}
+        keepalive 1024;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        {listen}
+{tls}        location / {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_conf(c: RunCfg) -> str:
+    servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(c.backends, 1))
+    bind = f"bind 127.0.0.1:{c.port}"
+    if c.scen.tls:
+        bind += f" ssl crt {c.combined_pem} alpn h2,http/1.1"
+    return f"""\
+global
+    nbthread {c.workers}
+    maxconn {c.max_conns}
+    # Where the open-files hard limit cannot be raised, HAProxy would refuse to start
+    # (it reserves 2 fds per connection); it needs far fewer here.
+    no strict-limits
+
+defaults
+    mode http
+    maxconn {c.max_conns}
+    option http-keep-alive
+    option forwardfor
+    http-reuse always
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    timeout http-request 10s
+
+frontend fe
+    {bind}
+    http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}
+    http-request set-header X-Forwarded-Proto http if !{{ ssl_fc }}
+    http-request set-header X-Real-IP %[src]
+    default_backend be
+
+backend be
+    balance roundrobin
+{servers}
+"""
+
+
+def caddy_conf(c: RunCfg) -> str:
+    ups = " ".join(f"127.0.0.1:{p}" for p in c.backends)
+    scheme = "https" if c.scen.tls else "http"
+    tls = f"\n\ttls {c.cert} {c.key}" if c.scen.tls else ""
+    return f"""\
+{{
+\tadmin off
+\tauto_https off
+\tservers {{
+\t\tprotocols h1 h2
+\t}}
+}}
+
+{scheme}://:{c.port} {{
+\tbind 127.0.0.1{tls}
+\treverse_proxy {ups} {{
+\t\tlb_policy round_robin
+\t\theader_up X-Real-IP {{remote_host}}
+\t\ttransport http {{
+\t\t\tkeepalive 5m
+\t\t\tkeepalive_idle_conns 1024
+\t\t\tkeepalive_idle_conns_per_host 1024
+\t\t}}
+\t}}
+}}
+"""
+
+
+def gangway_conf(c: RunCfg) -> str:
+    ups = ", ".join(f"127.0.0.1:{p}" for p in c.backends)
+    if c.scen.tls:
+        listen = f"  http: 127.0.0.1:{c.spare_port}\n  https: 127.0.0.1:{c.port}\n"
+        tls = f"    tls: {{cert: {c.cert}, key: {c.key}}}\n"
+    else:
+        listen = f"  http: 127.0.0.1:{c.port}\n"
+        tls = ""
+    return f"""\
+listen:
+{listen}access_log: off
+storage: {c.tmp / 'gangway-storage'}
+timeouts:
+  grace: 1s
+sites:
+  - hosts: ["*"]
+{tls}    upstreams: [{ups}]
+"""
+
+
+# --------------------------------------------------------------------------------------
+# Load generators and their output
+
+
+UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def parse_wrk(text: str) -> dict:
+    r: dict = {}
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+),", text)
+    if not m:
+        raise RuntimeError(f"cannot read wrk output: {text[-400:]}")
+    r["requests"] = int(m.group(1))
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    r["rps"] = float(m.group(1)) if m else None
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+        r[key] = round(float(m.group(1)) * UNIT_MS[m.group(2)], 3) if m else None
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if m:
+        r["non_2xx"] = int(m.group(1))
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        r["socket_errors"] = {k: int(v) for k, v in
+                              zip(("connect", "read", "write", "timeout"), m.groups())}
+        errors += sum(int(v) for v in m.groups())
+    r["errors"] = errors
+    return r
+
+
+def parse_h2load(text: str, log_file: Path) -> dict:
+    r: dict = {}
+    m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", text)
+    if not m:
+        raise RuntimeError(f"cannot read h2load output: {text[-400:]}")
+    r["rps"] = float(m.group(3))
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", text)
+    if m:
+        r["requests"] = int(m.group(3))
+        r["errors"] = int(m.group(5)) + int(m.group(6)) + int(m.group(7))
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    if m:
+        bad = int(m.group(3)) + int(m.group(4))
+        r["non_2xx"] = bad
+        r["errors"] = r.get("errors", 0) + bad
+    m = re.search(r"Application protocol: (\S+)", text)
+    r["alpn"] = m.group(1) if m else None
+    m = re.search(r"Cipher: (\S+)", text)
+    r["cipher"] = m.group(1) if m else None
+    # Percentiles from the per-request log: start(us) \t status \t duration(us).
+    durations = []
+    try:
+        with open(log_file) as f:
+            for line in f:
+                parts = line.split("\t")
+                if len(parts) >= 3:
+                    try:
+                        durations.append(int(parts[2]))
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    durations.sort()
+    for q, key in ((0.50, "p50_ms"), (0.99, "p99_ms")):
+        if durations:
+            idx = min(len(durations) - 1, max(0, int(round(q * len(durations))) - 1))
+            r[key] = round(durations[idx] / 1000.0, 3)
+        else:
+            r[key] = None
+    if r.get("alpn") != "h2":
+        r["errors"] = max(r.get("errors", 0), 1)
+        r["note"] = f"application protocol was {r.get('alpn')}, not h2"
+    return r
+
+
+def load_argv(scen: Scenario, url: str, threads: int, seconds: float,
+              log_file: Path | None) -> list[str]:
+    if scen.tool == "wrk":
+        argv = ["wrk", f"-t{threads}", f"-c{scen.conns}", f"-d{max(1, round(seconds))}s",
+                "--latency", "--timeout", "5s"]
+        if scen.close:
+            argv += ["-H", "Connection: close"]
+        return argv + [url]
+    if scen.tool == "h2load":
+        argv = ["h2load", "-t", str(threads), "-c", str(scen.conns), "-m", str(scen.streams),
+                "-D", str(max(1, round(seconds)))]
+        if log_file is not None:
+            argv += ["--log-file", str(log_file)]
+        return argv + [url]
+    raise ValueError(scen.tool)
+
+
+# --------------------------------------------------------------------------------------
+# The idle-connections client (run as a subprocess: `run.py --idle-client ...`)
+
+
+async def _idle_client(port: int, n: int, hold: float, open_budget: float) -> None:
+    conns = []
+    failed = 0
+    errors: dict[str, int] = {}
+    sem = asyncio.Semaphore(256)
+    req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: idle-client\r\n\r\n"
+
+    async def one() -> None:
+        nonlocal failed
+        async with sem:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port), 10)
+                writer.write(req)
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                status = int(head.split(b" ", 2)[1])
+                m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                if m:
+                    await asyncio.wait_for(reader.readexactly(int(m.group(1))), 10)
+                elif re.search(rb"(?im)^transfer-encoding:\s*chunked", head):
+                    await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10)
+                if status != 200:
+                    raise RuntimeError(f"status {status}")
+                conns.append((reader, writer))
+            except Exception as e:  # noqa: BLE001 - counted, reported
+                failed += 1
+                key = type(e).__name__
+                errors[key] = errors.get(key, 0) + 1
+
+    start = time.monotonic()
+    tasks = [asyncio.ensure_future(one()) for _ in range(n)]
+    done, pending = await asyncio.wait(tasks, timeout=open_budget)
+    for t in pending:
+        t.cancel()
+    print(json.dumps({"event": "ready", "open": len(conns), "failed": failed,
+                      "unfinished": len(pending), "errors": errors,
+                      "seconds": round(time.monotonic() - start, 2)}), flush=True)
+    await asyncio.sleep(hold)
+    closed = sum(1 for r, _ in conns if r.at_eof())
+    print(json.dumps({"event": "done", "still_open": len(conns) - closed,
+                      "closed_by_server": closed}), flush=True)
+    for _, w in conns:
+        w.close()
+
+
+def idle_client_main(argv: list[str]) -> None:
+    port, n, hold, budget = int(argv[0]), int(argv[1]), float(argv[2]), float(argv[3])
+    raise_nofile()
+    asyncio.run(_idle_client(port, n, hold, budget))
+
+
+# --------------------------------------------------------------------------------------
+# The bench
+
+
+@dataclass
+class Env:
+    args: argparse.Namespace
+    tmp: Path
+    procs: Procs
+    tools: dict
+    proxy_cpus: str
+    load_cpus: str
+    proxy_cpu_list: list[int]
+    load_cpu_list: list[int]
+    backends: list[int] = field(default_factory=list)
+    status_port: int = 0
+    backend_proc: subprocess.Popen | None = None
+    gangway_bin: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    combined: Path | None = None
+    counter: int = 0
+
+
+def backend_accepts(env: Env) -> int | None:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", env.status_port, timeout=3)
+        conn.request("GET", "/")
+        body = conn.getresponse().read().decode()
+        conn.close()
+        m = re.search(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s*$", body, re.M)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def start_backends(env: Env, workers: int) -> None:
+    www = env.tmp / "www"
+    www.mkdir(exist_ok=True)
+    (www / "64k.bin").write_bytes(bytes((i * 7 + 13) % 251 for i in range(BIG_SIZE)))
+    (env.tmp / "backend-temp").mkdir(exist_ok=True)
+    ports = free_ports(4)
+    env.backends, env.status_port = ports[:3], ports[3]
+    conf = env.tmp / "backend.conf"
+    conf.write_text(backend_nginx_conf(env.tmp, env.backends, env.status_port, workers))
+    p = env.procs.start(["nginx", "-c", str(conf), "-p", str(env.tmp), "-e",
+                         str(env.tmp / "backend-error.log")],
+                        env.load_cpus, env.tmp / "backend.log")
+    for port in env.backends + [env.status_port]:
+        wait_port(port, p)
+    env.backend_proc = p
+    # Sanity: a small and a large body from each backend.
+    for port in env.backends:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/")
+        body = conn.getresponse().read()
+        conn.request("GET", "/64k.bin")
+        big = conn.getresponse().read()
+        conn.close()
+        if body.decode() != SMALL_BODY or len(big) != BIG_SIZE:
+            raise RuntimeError(f"backend on {port} answers wrongly: {body!r}, {len(big)} B")
+    log(f"backends: nginx ({workers} worker) on 127.0.0.1:{env.backends} "
+        f"(CPU {env.load_cpus}), stub_status on {env.status_port}")
+
+
+def make_cert(env: Env) -> None:
+    env.cert, env.key = env.tmp / "cert.pem", env.tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(env.key), "-out", str(env.cert), "-days", "30",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30)
+    env.combined = env.tmp / "combined.pem"
+    env.combined.write_text(env.cert.read_text() + env.key.read_text())
+
+
+def build_gangway(env: Env) -> None:
+    log("building gangway: cargo build --release")
+    r = subprocess.run(["cargo", "build", "--release"], cwd=ROOT, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError("cargo build --release failed")
+    env.gangway_bin = ROOT / "target" / "release" / "gangway"
+
+
+def start_proxy(env: Env, name: str, scen: Scenario, workers: int, run_dir: Path
+                ) -> tuple[subprocess.Popen, RunCfg]:
+    port, spare = free_ports(2)
+    c = RunCfg(env.tmp, scen, workers, port, spare, env.backends, env.cert, env.key,
+               env.combined, env.args.idle_conns)
+    logf = run_dir / f"{name}.log"
+    base_env = dict(os.environ)
+    if name == "gangway":
+        cfg = run_dir / "gangway.yaml"
+        cfg.write_text(gangway_conf(c))
+        argv = [str(env.gangway_bin), "run", "-c", str(cfg)]
+        base_env["TOKIO_WORKER_THREADS"] = str(workers)
+        base_env.pop("RUST_LOG", None)
+    elif name == "nginx":
+        (env.tmp / "nginx").mkdir(exist_ok=True)
+        cfg = run_dir / "nginx.conf"
+        cfg.write_text(nginx_conf(c))
+        argv = ["nginx", "-c", str(cfg), "-p", str(env.tmp / "nginx"), "-e",
+                str(env.tmp / "nginx" / "error.log")]
+    elif name == "haproxy":
+        cfg = run_dir / "haproxy.cfg"
+        cfg.write_text(haproxy_conf(c))
+        argv = ["haproxy", "-db", "-f", str(cfg)]
+    elif name == "caddy":
+        cfg = run_dir / "Caddyfile"
+        cfg.write_text(caddy_conf(c))
+        home = env.tmp / "caddy-home"
+        home.mkdir(exist_ok=True)
+        base_env.update(GOMAXPROCS=str(workers), HOME=str(home),
+                        XDG_CONFIG_HOME=str(home / "config"), XDG_DATA_HOME=str(home / "data"))
+        argv = ["caddy", "run", "--config", str(cfg), "--adapter", "caddyfile"]
+    else:
+        raise ValueError(name)
+    p = env.procs.start(argv, env.proxy_cpus, logf, env=base_env)
+    try:
+        wait_port(port, p)
+    except RuntimeError as e:
+        env.procs.stop(p)
+        raise RuntimeError(f"{name} did not start: {e}\n{tail(logf)}") from None
+    return p, c
+
+
+def sanity_check(port: int, tls: bool) -> dict:
+    """A few requests on one connection: status, body, which backends answered, cipher."""
+    if tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    seen = []
+    info: dict = {}
+    for _ in range(6):
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200 or body.decode(errors="replace") != SMALL_BODY:
+            conn.close()
+            raise RuntimeError(f"sanity request: status {resp.status}, body {body[:80]!r}")
+        seen.append(resp.getheader("X-Backend"))
+    if tls and conn.sock is not None:
+        info["cipher"] = conn.sock.cipher()[0]
+        info["tls_version"] = conn.sock.version()
+    conn.close()
+    info["backends_seen"] = sorted({s for s in seen if s})
+    if len(info["backends_seen"]) < 3:
+        info["note"] = f"6 requests reached only backends {info['backends_seen']}"
+    return info
+
+
+def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: int,
+                 run_dir: Path, direct: bool) -> dict:
+    args = env.args
+    scheme = "https" if scen.tls else "http"
+    url = f"{scheme}://127.0.0.1:{port}{scen.path}"
+    threads = max(1, len(env.load_cpu_list))
+    bound = args.duration + 30
+    # Warm-up (caches, pools, JIT-free but allocator and connection pools matter).
+    if args.warmup > 0:
+        run_tool(env.procs, load_argv(scen, url, threads, args.warmup, None), env.load_cpus,
+                 bound, run_dir / f"{name}-warmup")
+    pgid = proc.pid
+    h2log = run_dir / f"{name}-h2load.log"
+    acc0 = backend_accepts(env)
+    cpu0 = group_cpu_seconds(pgid)
+    bcpu0 = group_cpu_seconds(env.backend_proc.pid)
+    cores0 = cpu_times()
+    t0 = time.monotonic()
+    text = run_tool(env.procs, load_argv(scen, url, threads, args.duration, h2log),
+                    env.load_cpus, bound, run_dir / f"{name}-load")
+    wall = time.monotonic() - t0
+    cores1 = cpu_times()
+    cpu1 = group_cpu_seconds(pgid)
+    bcpu1 = group_cpu_seconds(env.backend_proc.pid)
+    acc1 = backend_accepts(env)
+    r = parse_wrk(text) if scen.tool == "wrk" else parse_h2load(text, h2log)
+    with contextlib.suppress(OSError):
+        h2log.unlink()
+    reqs = r.get("requests") or 0
+    r["wall_s"] = round(wall, 2)
+    r["proxy_cpu_s"] = round(cpu1 - cpu0, 3)
+    if reqs > 0:
+        if not direct:
+            r["cpu_us_per_req"] = round((cpu1 - cpu0) * 1e6 / reqs, 2)
+        r["backend_cpu_us_per_req"] = round((bcpu1 - bcpu0) * 1e6 / reqs, 2)
+    if acc0 is not None and acc1 is not None:
+        r["upstream_connects"] = acc1 - acc0 - 1  # minus the status request itself
+    r["proxy_core_busy_pct"] = busy_percent(cores0, cores1, env.proxy_cpu_list)
+    r["load_core_busy_pct"] = busy_percent(cores0, cores1, env.load_cpu_list)
+    if not direct and r["proxy_core_busy_pct"] is not None and wall > 0 \
+            and env.proxy_cpus != env.load_cpus:
+        # Busy time on the proxy's cores that was not the proxy's: other programs on the
+        # machine (a build, another benchmark) or interrupts. Over ~15 % the run is suspect.
+        # Interrupt and softirq time (much of it the proxy's own loopback traffic, which
+        # /proc/<pid>/stat does not charge to it) is reported apart and not counted.
+        own = 100.0 * (cpu1 - cpu0) / wall / max(1, len(env.proxy_cpu_list))
+        irq = busy_percent(cores0, cores1, env.proxy_cpu_list, column=2) or 0.0
+        r["proxy_core_irq_pct"] = irq
+        r["foreign_on_proxy_core_pct"] = round(
+            max(0.0, r["proxy_core_busy_pct"] - irq - own), 1)
+    rss, hwm, nproc = group_memory_kib(pgid)
+    prefix = "backend_" if direct else ""  # the direct baseline has no proxy to weigh
+    r[prefix + "rss_mib"] = round(rss / 1024, 1)
+    r[prefix + "peak_rss_mib"] = round(hwm / 1024, 1)
+    r[prefix + "processes"] = nproc
+    r["raw_output"] = text[-3000:]
+    if reqs == 0:
+        r["ok"] = False
+        r["error"] = "no request completed"
+    elif r.get("errors", 0) > 0.01 * reqs:
+        r["ok"] = False
+        r["error"] = f"{r['errors']} errors out of {reqs} requests"
+    return r
+
+
+def measure_idle(env: Env, name: str, scen: Scenario, proc, port: int, run_dir: Path) -> dict:
+    args = env.args
+    pgid = proc.pid
+    rss0, _, _ = group_memory_kib(pgid)
+    cpu0 = group_cpu_seconds(pgid)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--idle-client", str(port),
+            str(args.idle_conns), str(args.idle_hold), str(args.idle_open_budget)]
+    client = env.procs.start(argv, env.load_cpus, run_dir / f"{name}-idle-client.log",
+                             stdout_pipe=True)
+    r: dict = {"rss_before_mib": round(rss0 / 1024, 1)}
+    try:
+        ready = None
+        line = readline_timeout(client.stdout, args.idle_open_budget + 15)
+        if line.strip():
+            ready = json.loads(line)
+        if not ready:
+            raise RuntimeError(f"idle client gave no report\n"
+                               f"{tail(run_dir / f'{name}-idle-client.log')}")
+        r.update(conns_open=ready["open"], conns_failed=ready["failed"],
+                 open_seconds=ready["seconds"], client_errors=ready.get("errors"))
+        time.sleep(min(2.0, max(0.5, args.idle_hold / 2)))
+        rss, hwm, nproc = group_memory_kib(pgid)
+        cpu1 = group_cpu_seconds(pgid)
+        r.update(rss_mib=round(rss / 1024, 1), peak_rss_mib=round(hwm / 1024, 1),
+                 processes=nproc, proxy_cpu_s=round(cpu1 - cpu0, 3))
+        if ready["open"]:
+            r["kib_per_conn"] = round((rss - rss0) / ready["open"], 2)
+            r["cpu_us_per_conn"] = round((cpu1 - cpu0) * 1e6 / ready["open"], 1)
+        line = readline_timeout(client.stdout, args.idle_hold + 15)
+        if line.strip():
+            done = json.loads(line)
+            r["still_open_after_hold"] = done["still_open"]
+        client.wait(timeout=30)
+    finally:
+        env.procs.stop(client)
+    if proc.poll() is not None:
+        raise RuntimeError(f"{name} exited with status {proc.returncode} during the run")
+    want = args.idle_conns
+    if r.get("conns_open", 0) < 0.99 * want:
+        r["ok"] = False
+        r["error"] = (f"only {r.get('conns_open', 0)} of {want} connections opened "
+                      f"({r.get('client_errors')})")
+    elif r.get("still_open_after_hold", want) < 0.99 * r["conns_open"]:
+        r["ok"] = False
+        r["error"] = f"{r['conns_open'] - r['still_open_after_hold']} closed by the proxy"
+    return r
+
+
+def one_run(env: Env, name: str, scen: Scenario, workers: int, rnd: int) -> dict:
+    env.counter += 1
+    run_dir = env.tmp / "runs" / f"{env.counter:03d}-w{workers}-s{scen.id}-r{rnd}-{name}"
+    run_dir.mkdir(parents=True)
+    rec: dict = {"round": rnd, "scenario": scen.id, "proxy": name, "workers": workers,
+                 "ok": True}
+    proc = None
+    try:
+        if name == "direct":
+            port = env.backends[0]
+            proc = env.backend_proc
+            rec.update(measure_load(env, name, scen, workers, proc, port, run_dir, True))
+        else:
+            proc, c = start_proxy(env, name, scen, workers, run_dir)
+            rec.update(sanity_check(c.port, scen.tls))
+            if scen.tool == "idle":
+                rec.update(measure_idle(env, name, scen, proc, c.port, run_dir))
+            else:
+                rec.update(measure_load(env, name, scen, workers, proc, c.port, run_dir, False))
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {proc.returncode} during the run")
+    except Exception as e:  # noqa: BLE001 - a failed run is a result, not a crash
+        rec["ok"] = False
+        rec["error"] = str(e).strip()
+        logf = run_dir / f"{name}.log"
+        if logf.exists():
+            rec["log_tail"] = tail(logf)
+    finally:
+        if proc is not None and name != "direct":
+            env.procs.stop(proc)
+    if not rec["ok"]:
+        # Keep the evidence next to the results.
+        dest = Path(env.args.out) / "failed-runs" / run_dir.name
+        shutil.copytree(run_dir, dest, dirs_exist_ok=True)
+        rec["files"] = str(dest)
+    return rec
+
+
+def describe(rec: dict) -> str:
+    if not rec["ok"]:
+        return f"FAILED: {rec.get('error', '?').splitlines()[0][:160]}"
+    if rec["scenario"] == 6:
+        return (f"{rec.get('conns_open')} conns, RSS {rec.get('rss_mib')} MiB "
+                f"(peak {rec.get('peak_rss_mib')}), {rec.get('kib_per_conn')} KiB/conn")
+    text = (f"{rec.get('rps', 0):,.0f} req/s, p50 {rec.get('p50_ms')} ms, "
+            f"p99 {rec.get('p99_ms')} ms")
+    if rec["proxy"] == "direct":
+        return text + f" (backend CPU {rec.get('backend_cpu_us_per_req')} us/req)"
+    return (text + f", CPU {rec.get('cpu_us_per_req')} us/req, peak RSS "
+            f"{rec.get('peak_rss_mib')} MiB, upstream connects {rec.get('upstream_connects')}")
+
+
+# --------------------------------------------------------------------------------------
+# Summaries, Markdown, JSON, plot
+
+METRICS = ["rps", "p50_ms", "p99_ms", "cpu_us_per_req", "backend_cpu_us_per_req",
+           "peak_rss_mib", "rss_mib", "upstream_connects", "errors", "proxy_core_busy_pct",
+           "load_core_busy_pct", "conns_open", "kib_per_conn", "still_open_after_hold",
+           "cpu_us_per_conn", "foreign_on_proxy_core_pct", "proxy_core_irq_pct"]
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["workers"], r["scenario"], r["proxy"]), []).append(r)
+    out = []
+    for (w, s, p), rs in groups.items():
+        ok = [r for r in rs if r["ok"]]
+        row = {"workers": w, "scenario": s, "proxy": p, "runs": len(rs), "runs_ok": len(ok)}
+        for m in METRICS:
+            row[m] = median([r.get(m) for r in ok])
+        row["errors_seen"] = sorted({r.get("error", "").splitlines()[0][:200]
+                                     for r in rs if not r["ok"]})
+        ciphers = sorted({r.get("cipher") for r in ok if r.get("cipher")})
+        if ciphers:
+            row["cipher"] = ", ".join(ciphers)
+        out.append(row)
+    return out
+
+
+def ratios(runs: list[dict], a: str, b: str) -> list[dict]:
+    """Median over rounds of a/b, each ratio taken within the same round."""
+    out = []
+    keys = sorted({(r["workers"], r["scenario"]) for r in runs})
+    for w, s in keys:
+        per = {}
+        for r in runs:
+            if r["workers"] == w and r["scenario"] == s and r["ok"]:
+                per.setdefault(r["round"], {})[r["proxy"]] = r
+        row = {"workers": w, "scenario": s, "a": a, "b": b}
+        for m in ("cpu_us_per_req", "rps", "p99_ms", "peak_rss_mib", "rss_mib"):
+            vals = []
+            for rr in per.values():
+                if a in rr and b in rr and rr[a].get(m) and rr[b].get(m):
+                    vals.append(rr[a][m] / rr[b][m])
+            row[m] = round(median(vals), 3) if vals else None
+        row["rounds"] = sum(1 for rr in per.values() if a in rr and b in rr)
+        out.append(row)
+    return out
+
+
+def fmt(v, digits=1, thousands=False) -> str:
+    if v is None:
+        return "–"
+    if thousands:
+        return f"{v:,.0f}"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def machine_info() -> dict:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1))
+            mem = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, AttributeError):
+        pass
+    return {"nproc": os.cpu_count(), "cpu_model": model, "memory": mem,
+            "kernel": platform.release(), "os": _os_name()}
+
+
+def _os_name() -> str:
+    try:
+        text = Path("/etc/os-release").read_text()
+        m = re.search(r'^PRETTY_NAME="?([^"\n]*)', text, re.M)
+        return m.group(1) if m else "?"
+    except OSError:
+        return "?"
+
+
+def versions(tools: dict, gangway_bin: Path | None) -> dict:
+    v = {}
+    if gangway_bin:
+        v["gangway"] = cmd_output([str(gangway_bin), "--version"])
+    if tools.get("nginx"):
+        v["nginx"] = cmd_output(["nginx", "-v"]).replace("nginx version: ", "")
+    if tools.get("haproxy"):
+        v["haproxy"] = cmd_output(["haproxy", "-v"]).splitlines()[0].split(" - ")[0].replace(
+            "HAProxy version ", "")
+    if tools.get("caddy"):
+        v["caddy"] = cmd_output(["caddy", "version"]).split()[0]
+    if tools.get("wrk"):
+        v["wrk"] = cmd_output(["wrk", "-v"]).splitlines()[0].split(" Copyright")[0].replace(
+            "wrk ", "")
+    if tools.get("h2load"):
+        v["h2load"] = cmd_output(["h2load", "--version"]).replace("h2load ", "")
+    v["openssl"] = cmd_output(["openssl", "version"]).split(" (")[0]
+    return v
+
+
+def write_markdown(path: Path, meta: dict, summary: list[dict], rat: list[dict],
+                   best: list[dict]) -> None:
+    L = []
+    mi = meta["machine"]
+    L.append("# gangway side-by-side benchmark\n")
+    L.append(f"- date: {meta['date']}")
+    L.append(f"- machine: {mi['nproc']} CPUs ({mi['cpu_model']}), {mi['memory']}, "
+             f"{mi['os']}, kernel {mi['kernel']}")
+    L.append(f"- command: `{meta['command']}`")
+    L.append(f"- {meta['rounds']} round(s) of {meta['duration']} s per measurement "
+             f"(+{meta['warmup']} s warm-up), proxies alternated "
+             f"{' '.join(meta['proxies'])} each round; medians shown")
+    for w, pin in meta["pinning"].items():
+        L.append(f"- workers {w}: proxy on CPU {pin['proxy']}, load generator + backends on "
+                 f"CPU {pin['load']}" + (" (shared: not enough CPUs to separate them)"
+                                         if pin['proxy'] == pin['load'] else ""))
+    L.append("- versions: " + "; ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    if meta.get("skipped"):
+        L.append("- skipped: " + "; ".join(meta["skipped"]))
+    if meta.get("interrupted"):
+        L.append("- **interrupted**: partial results")
+    if meta.get("cpu_busy_pct_before_start", 0) > 10:
+        L.append(f"- **warning**: the CPUs were {meta['cpu_busy_pct_before_start']:.0f} % busy "
+                 "before the start: something else was running")
+    noisy = [r for r in summary if (r.get("foreign_on_proxy_core_pct") or 0) > 15]
+    if noisy:
+        worst = max(r["foreign_on_proxy_core_pct"] for r in noisy)
+        L.append(f"- **warning**: in {len(noisy)} scenario/proxy cells other programs or "
+                 f"interrupts used more than 15 % (up to {worst:.0f} %) of the proxy's "
+                 "pinned CPU: those figures are distorted; rerun on a quiet machine")
+    L.append("")
+    L.append("CPU µs/req = (utime+stime of all the proxy's processes during the measurement) "
+             "÷ requests completed. Upstream connects = connections the backends accepted "
+             "during the measurement (after warm-up). p50/p99 from wrk --latency or from "
+             "h2load's per-request log.\n")
+    for w in sorted({r["workers"] for r in summary}):
+        L.append(f"## {w} worker{'s' if w > 1 else ''} per proxy\n")
+        L += summary_table(meta, summary, w)
+        L.append("")
+        L.append("Details:\n")
+        L.append("| scenario | proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MiB "
+                 "| upstream connects | load core busy % | runs ok | notes |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for s in sorted({r["scenario"] for r in summary if r["workers"] == w}):
+            if s == 6:
+                continue
+            rows = [r for r in summary if r["workers"] == w and r["scenario"] == s]
+            rows.sort(key=lambda r: (meta["order"].index(r["proxy"])
+                                     if r["proxy"] in meta["order"] else 99))
+            for r in rows:
+                notes = []
+                if r["proxy"] == "direct":
+                    notes.append(f"no proxy; backend CPU {fmt(r['backend_cpu_us_per_req'])} "
+                                 "µs/req")
+                if r.get("cipher"):
+                    notes.append(r["cipher"])
+                if (r.get("foreign_on_proxy_core_pct") or 0) > 15:
+                    notes.append(f"noisy: {r['foreign_on_proxy_core_pct']:.0f} % of the proxy "
+                                 "core used by others")
+                if r.get("errors"):
+                    notes.append(f"errors {fmt(r['errors'], 0)}")
+                notes += [f"FAILED: {e}" for e in r["errors_seen"]]
+                L.append(f"| {SCENARIOS[s].short} | {r['proxy']} | {fmt(r['rps'], thousands=True)}"
+                         f" | {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} "
+                         f"| {fmt(r['cpu_us_per_req'])} | {fmt(r['peak_rss_mib'])} "
+                         f"| {fmt(r['upstream_connects'], 0)} | {fmt(r['load_core_busy_pct'], 0)} "
+                         f"| {r['runs_ok']}/{r['runs']} | {'; '.join(notes)} |")
+        idle = [r for r in summary if r["workers"] == w and r["scenario"] == 6]
+        if idle:
+            L.append("")
+            L.append(f"### {SCENARIOS[6].short}\n")
+            L.append("| proxy | connections held | RSS held MiB | peak RSS MiB | KiB/conn "
+                     "| still open after hold | runs ok | notes |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|---|")
+            idle.sort(key=lambda r: (meta["order"].index(r["proxy"])
+                                     if r["proxy"] in meta["order"] else 99))
+            for r in idle:
+                notes = "; ".join(f"FAILED: {e}" for e in r["errors_seen"])
+                L.append(f"| {r['proxy']} | {fmt(r['conns_open'], 0)} | {fmt(r['rss_mib'])} "
+                         f"| {fmt(r['peak_rss_mib'])} | {fmt(r['kib_per_conn'], 2)} "
+                         f"| {fmt(r['still_open_after_hold'], 0)} | {r['runs_ok']}/{r['runs']} "
+                         f"| {notes} |")
+        rr = [r for r in rat if r["workers"] == w and r["rounds"]]
+        if rr:
+            L.append("")
+            L.append("### gangway ÷ nginx (same round, median of per-round ratios; "
+                     "< 1 is better for CPU, p99 and RSS, > 1 for req/s)\n")
+            L.append("| scenario | CPU/req | req/s | p99 | peak RSS | RSS held | "
+                     "CPU/req ÷ best of nginx, HAProxy | rounds |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for r in rr:
+                b = next((x for x in best if x["workers"] == w and x["scenario"] ==
+                          r["scenario"]), {})
+                L.append(f"| {SCENARIOS[r['scenario']].short} | {fmt(r['cpu_us_per_req'], 2)} "
+                         f"| {fmt(r['rps'], 2)} | {fmt(r['p99_ms'], 2)} "
+                         f"| {fmt(r['peak_rss_mib'], 2)} | {fmt(r['rss_mib'], 2)} "
+                         f"| {fmt(b.get('ratio'), 2)} | {r['rounds']} |")
+        L.append("")
+    if meta.get("plot"):
+        L.append(f"![requests/s and p99 per scenario]({meta['plot']})\n")
+    path.write_text("\n".join(L) + "\n")
+
+
+def summary_table(meta: dict, summary: list[dict], w: int) -> list[str]:
+    """The compact view: one row per scenario, one column per proxy."""
+    rows = [r for r in summary if r["workers"] == w]
+    proxies = [p for p in meta["order"] if any(r["proxy"] == p for r in rows)]
+    head = "| scenario | " + " | ".join(
+        "no proxy" if p == "direct" else p for p in proxies) + " |"
+    L = ["Per cell: **proxy CPU µs/request** (req/s, p99 ms); scenario 6: RSS MiB with the "
+         "idle connections held. Medians over the rounds.\n", head,
+         "|---|" + "---:|" * len(proxies)]
+    for s in sorted({r["scenario"] for r in rows}):
+        cells = []
+        for p in proxies:
+            r = next((r for r in rows if r["scenario"] == s and r["proxy"] == p), None)
+            if r is None:
+                cells.append("")
+            elif r["runs_ok"] == 0:
+                cells.append("FAILED")
+            elif s == 6:
+                cells.append(f"{fmt(r['rss_mib'])} MiB ({fmt(r['conns_open'], 0)} conns)")
+            elif p == "direct":
+                cells.append(f"({fmt(r['rps'], thousands=True)}, {fmt(r['p99_ms'], 2)})")
+            else:
+                cells.append(f"**{fmt(r['cpu_us_per_req'])}** ({fmt(r['rps'], thousands=True)}"
+                             f", {fmt(r['p99_ms'], 2)})")
+        L.append(f"| {SCENARIOS[s].short} | " + " | ".join(cells) + " |")
+    return L
+
+
+def best_ratio(summary: list[dict]) -> list[dict]:
+    """gangway's median CPU/req ÷ the better (lower) of nginx's and HAProxy's medians."""
+    out = []
+    for w, s in sorted({(r["workers"], r["scenario"]) for r in summary}):
+        by = {r["proxy"]: r for r in summary if r["workers"] == w and r["scenario"] == s}
+        g = by.get("gangway", {}).get("cpu_us_per_req")
+        refs = [by[p]["cpu_us_per_req"] for p in ("nginx", "haproxy")
+                if p in by and by[p].get("cpu_us_per_req")]
+        out.append({"workers": w, "scenario": s,
+                    "ratio": round(g / min(refs), 3) if g and refs else None})
+    return out
+
+
+def have_matplotlib(allow_pip: bool) -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        pass
+    if not allow_pip:
+        return False
+    log("matplotlib not importable; trying pip install matplotlib")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"],
+                           capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if r.returncode != 0:
+        return False
+    import importlib
+    importlib.invalidate_caches()
+    try:
+        import matplotlib  # noqa: F401,F811
+        return True
+    except ImportError:
+        return False
+
+
+def plot(path: Path, summary: list[dict], order: list[str]) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workers = sorted({r["workers"] for r in summary})
+    fig, axes = plt.subplots(len(workers), 3, figsize=(17, 4.6 * len(workers)), squeeze=False)
+    colors = {"gangway": "#d62728", "nginx": "#2ca02c", "haproxy": "#1f77b4",
+              "caddy": "#9467bd", "direct": "#7f7f7f"}
+    for wi, w in enumerate(workers):
+        rows = [r for r in summary if r["workers"] == w]
+        scen = sorted({r["scenario"] for r in rows if r["scenario"] != 6})
+        proxies = [p for p in order if any(r["proxy"] == p for r in rows)]
+        width = 0.8 / max(1, len(proxies))
+        for ax, metric, title in ((axes[wi][0], "rps", "requests/s"),
+                                  (axes[wi][1], "p99_ms", "p99 latency (ms)")):
+            for pi, p in enumerate(proxies):
+                xs, ys = [], []
+                for si, s in enumerate(scen):
+                    r = next((r for r in rows if r["scenario"] == s and r["proxy"] == p), None)
+                    if r and r.get(metric) is not None:
+                        xs.append(si + (pi - (len(proxies) - 1) / 2) * width)
+                        ys.append(r[metric])
+                ax.bar(xs, ys, width, label=p, color=colors.get(p))
+            ax.set_xticks(range(len(scen)))
+            ax.set_xticklabels([f"S{s}" for s in scen])
+            ax.set_title(f"{title}, {w} worker(s)")
+            ax.grid(axis="y", alpha=0.3)
+        axes[wi][0].legend(fontsize=8)
+        # Third panel: CPU per request, and the idle-connections memory as a note.
+        ax = axes[wi][2]
+        for pi, p in enumerate(proxies):
+            xs, ys = [], []
+            for si, s in enumerate(scen):
+                r = next((r for r in rows if r["scenario"] == s and r["proxy"] == p), None)
+                if r and r.get("cpu_us_per_req") is not None:
+                    xs.append(si + (pi - (len(proxies) - 1) / 2) * width)
+                    ys.append(r["cpu_us_per_req"])
+            ax.bar(xs, ys, width, label=p, color=colors.get(p))
+        ax.set_xticks(range(len(scen)))
+        ax.set_xticklabels([f"S{s}" for s in scen])
+        ax.set_yscale("log")
+        ax.set_title(f"proxy CPU µs/request (log), {w} worker(s)")
+        ax.grid(axis="y", alpha=0.3)
+        idle = [r for r in rows if r["scenario"] == 6 and r.get("rss_mib") is not None]
+        if idle:
+            txt = "S6 RSS with 10k idle conns: " + ", ".join(
+                f"{r['proxy']} {r['rss_mib']:.0f} MiB" for r in
+                sorted(idle, key=lambda r: order.index(r["proxy"]) if r["proxy"] in order
+                       else 99))
+            ax.text(0.01, -0.16, txt, transform=ax.transAxes, fontsize=8)
+    fig.suptitle("S1 plain h1 12 B · S2 plain h1 64 KiB · S3 https h1 · S4 h2 over TLS · "
+                 "S5 new TLS handshake per request", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(env_args, meta: dict, runs: list[dict]) -> None:
+    out = Path(env_args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(runs)
+    rat = ratios(runs, "gangway", "nginx")
+    best = best_ratio(summary)
+    if not env_args.no_plot and summary:
+        if have_matplotlib(not env_args.no_pip):
+            try:
+                plot(out / "results.png", summary, meta["order"])
+                meta["plot"] = "results.png"
+            except Exception as e:  # noqa: BLE001
+                log(f"plot failed: {e}")
+        else:
+            log("matplotlib is not available: no plot (pip install matplotlib to get one)")
+    slim_runs = [{k: v for k, v in r.items() if k != "raw_output"} for r in runs]
+    (out / "results.json").write_text(json.dumps(
+        {"meta": meta, "summary": summary, "ratio_gangway_nginx": rat,
+         "gangway_cpu_vs_best_of_nginx_haproxy": best, "runs": slim_runs}, indent=2))
+    # Raw tool outputs, for anyone who doubts a number.
+    (out / "raw-outputs.json").write_text(json.dumps(
+        [{"round": r["round"], "scenario": r["scenario"], "proxy": r["proxy"],
+          "workers": r["workers"], "output": r.get("raw_output")} for r in runs], indent=1))
+    write_markdown(out / "results.md", meta, summary, rat, best)
+    log(f"wrote {out / 'results.md'}, {out / 'results.json'}"
+        + (f", {out / 'results.png'}" if meta.get("plot") else ""))
+
+
+# --------------------------------------------------------------------------------------
+# Main
+
+
+def cpu_plan(workers: int, ncpu: int, proxy_override: str | None, load_override: str | None
+             ) -> tuple[str, str]:
+    if proxy_override and load_override:
+        return proxy_override, load_override
+    if ncpu >= 2 * workers:
+        proxy = ",".join(str(i) for i in range(workers))
+        load = ",".join(str(i) for i in range(workers, 2 * workers))
+    elif ncpu > workers:
+        proxy = ",".join(str(i) for i in range(workers))
+        load = ",".join(str(i) for i in range(workers, ncpu))
+    else:
+        # Not enough cores to keep them apart (2 workers on a 2-core machine): share.
+        proxy = load = ",".join(str(i) for i in range(ncpu))
+    return proxy_override or proxy, load_override or load
+
+
+def parse_cpus(spec: str) -> list[int]:
+    out = []
+    for part in spec.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out += list(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 3 s measurements, 1 round, 1 s warm-up")
+    ap.add_argument("--scenarios", default="1,2,3,4,5,6", help="comma list of 1-6")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3; quick 1)")
+    ap.add_argument("--duration", type=float, default=None,
+                    help=f"seconds per measurement (default 10; quick 3; max {MAX_DURATION:.0f})")
+    ap.add_argument("--warmup", type=float, default=None,
+                    help="seconds of warm-up load before each measurement (default 2; quick 1)")
+    ap.add_argument("--workers", default="1",
+                    help="workers/threads per proxy: 1, 2, or 1,2 for both runs")
+    ap.add_argument("--proxies", default=",".join(PROXIES),
+                    help="subset and order of gangway,nginx,haproxy,caddy")
+    ap.add_argument("--out", default=str(ROOT / "benches" / "results"))
+    ap.add_argument("--idle-conns", type=int, default=10000)
+    ap.add_argument("--idle-hold", type=float, default=None,
+                    help="seconds the idle connections are held (default 5; quick 3)")
+    ap.add_argument("--idle-open-budget", type=float, default=60.0,
+                    help="seconds allowed to open the idle connections")
+    ap.add_argument("--proxy-cpus", default=None, help="override the proxy's CPU list")
+    ap.add_argument("--load-cpus", default=None, help="override the load generator's CPU list")
+    ap.add_argument("--no-install", action="store_true", help="never run apt-get")
+    ap.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    ap.add_argument("--gangway-bin", default=None,
+                    help="benchmark this gangway binary instead of building target/release")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-pip", action="store_true", help="do not pip install matplotlib")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    a = ap.parse_args(argv)
+    a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
+    a.duration = a.duration if a.duration is not None else (3.0 if a.quick else 10.0)
+    a.warmup = a.warmup if a.warmup is not None else (1.0 if a.quick else 2.0)
+    a.idle_hold = a.idle_hold if a.idle_hold is not None else (3.0 if a.quick else 5.0)
+    if a.duration > MAX_DURATION:
+        log(f"--duration {a.duration} capped at {MAX_DURATION:.0f} s")
+        a.duration = MAX_DURATION
+    a.scenario_ids = [int(s) for s in a.scenarios.split(",") if s.strip()]
+    for s in a.scenario_ids:
+        if s not in SCENARIOS:
+            ap.error(f"unknown scenario {s}")
+    a.worker_list = [int(w) for w in a.workers.split(",") if w.strip()]
+    a.proxy_list = [p.strip() for p in a.proxies.split(",") if p.strip()]
+    for p in a.proxy_list:
+        if p not in PROXIES:
+            ap.error(f"unknown proxy {p}")
+    return a
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--idle-client":
+        idle_client_main(argv[1:])
+        return 0
+    args = parse_args(argv)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    tools = ensure_tools(not args.no_install)
+    for need in ("nginx", "wrk", "openssl", "taskset"):
+        if not tools.get(need):
+            log(f"cannot run without {need}")
+            return 2
+    skipped = []
+    proxies = []
+    for p in args.proxy_list:
+        if p != "gangway" and not tools.get(p):
+            skipped.append(f"{p} (not installed)")
+            log(f"skipping {p}: not installed")
+        else:
+            proxies.append(p)
+    scenario_ids = list(args.scenario_ids)
+    if 4 in scenario_ids and not tools.get("h2load"):
+        skipped.append("scenario 4 (h2load not installed)")
+        scenario_ids.remove(4)
+
+    ncpu = os.cpu_count() or 1
+    c0 = cpu_times()
+    time.sleep(1.0)
+    idle_busy = busy_percent(c0, cpu_times(), sorted(c0)) or 0.0
+    if idle_busy > 10:
+        log(f"warning: the CPUs are {idle_busy:.0f} % busy before the benchmark starts: other "
+            "programs are running and will distort the figures")
+    fds = nofile_limit()
+    if 6 in scenario_ids and fds < args.idle_conns + 2048:
+        log(f"warning: open-files limit is {fds}; {args.idle_conns} idle connections plus "
+            "upstream connections may not fit")
+    tmp = Path(tempfile.mkdtemp(prefix="gangway-bench-"))
+    procs = Procs()
+    runs: list[dict] = []
+    meta: dict = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "python3 benches/run.py " + " ".join(argv),
+        "machine": machine_info(),
+        "rounds": args.rounds, "duration": args.duration, "warmup": args.warmup,
+        "proxies": proxies, "order": proxies + ["direct"], "scenarios": scenario_ids,
+        "scenario_names": {s: SCENARIOS[s].name for s in scenario_ids},
+        "workers": args.worker_list, "pinning": {}, "skipped": skipped,
+        "idle_conns": args.idle_conns, "nofile_limit": fds, "cpu_busy_pct_before_start": idle_busy, "tmp": str(tmp),
+    }
+    interrupted = False
+    env = None
+    try:
+        env = Env(args, tmp, procs, tools, "", "", [], [])
+        if "gangway" in proxies:
+            if args.gangway_bin:
+                env.gangway_bin = Path(args.gangway_bin).resolve()
+                if not os.access(env.gangway_bin, os.X_OK):
+                    raise RuntimeError(f"--gangway-bin {env.gangway_bin} is not executable")
+            elif args.no_build and (ROOT / "target/release/gangway").exists():
+                env.gangway_bin = ROOT / "target" / "release" / "gangway"
+            else:
+                try:
+                    build_gangway(env)
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+                    log(f"skipping gangway: {e}")
+                    skipped.append(f"gangway ({e})")
+                    proxies.remove("gangway")
+        meta["versions"] = versions(tools, env.gangway_bin)
+        make_cert(env)
+        for workers in args.worker_list:
+            pcpus, lcpus = cpu_plan(workers, ncpu, args.proxy_cpus, args.load_cpus)
+            env.proxy_cpus, env.load_cpus = pcpus, lcpus
+            env.proxy_cpu_list, env.load_cpu_list = parse_cpus(pcpus), parse_cpus(lcpus)
+            meta["pinning"][str(workers)] = {"proxy": pcpus, "load": lcpus}
+            if pcpus == lcpus:
+                log(f"only {ncpu} CPUs: with {workers} workers the proxy and the load "
+                    f"generator share CPUs {pcpus}")
+            start_backends(env, max(1, len(env.load_cpu_list)))
+            for rnd in range(1, args.rounds + 1):
+                for s in scenario_ids:
+                    scen = SCENARIOS[s]
+                    names = list(proxies)
+                    if scen.baseline and workers == args.worker_list[0]:
+                        names.append("direct")
+                    for name in names:
+                        log(f"w{workers} round {rnd}/{args.rounds} scenario {scen.short}: "
+                            f"{name} ...")
+                        rec = one_run(env, name, scen, workers, rnd)
+                        runs.append(rec)
+                        log(f"    {name}: {describe(rec)}")
+            procs.stop(env.backend_proc)
+            env.backend_proc = None
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: stopping everything and writing partial results")
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        meta["fatal"] = traceback.format_exc().splitlines()[-1]
+    finally:
+        procs.stop_all()
+        meta["interrupted"] = interrupted
+        if "versions" not in meta:
+            meta["versions"] = {}
+        try:
+            if runs:
+                write_outputs(args, meta, runs)
+        finally:
+            if args.keep_tmp:
+                log(f"configs and logs kept in {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if meta.get("fatal"):
+        return 1
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
