@@ -636,3 +636,104 @@ async fn sighup_reloads_and_a_bad_config_keeps_the_old_one() {
     }
     assert!(proc.stdout().contains("SIGHUP"), "{}", proc.stdout());
 }
+
+// ---------------------------------------------------------------------------------------
+// run: access log
+// ---------------------------------------------------------------------------------------
+
+/// Starts `gangway run` with `extra` top-level YAML over `up`; returns once it answers.
+async fn start_logging_proxy(up: &Upstream, extra: &str) -> (Proc, SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gangway.yaml");
+    for _ in 0..5 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        std::fs::write(
+            &path,
+            format!(
+                "listen: {{http: {addr}, admin: off}}\n{extra}\nsites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
+                up.addr
+            ),
+        )
+        .expect("write config");
+        let mut proc = Proc::spawn(gangway(&["run", "-c", path.to_str().unwrap()]));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if proc.exited().is_some() {
+                break; // port taken: next attempt
+            }
+            if let Ok((200, _)) = try_get(addr, "/ready").await {
+                return (proc, addr, dir);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gangway did not start: {}",
+                proc.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    panic!("could not start gangway");
+}
+
+async fn wait_for_line(proc: &Proc, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(line) = proc.stdout().lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needle}: {}",
+            proc.stdout()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_json_access_log_has_one_parseable_line_per_request() {
+    let up = Upstream::start("logged").await;
+    let (proc, addr, _dir) = start_logging_proxy(&up, "access_log: json").await;
+    assert_eq!(
+        try_get(addr, "/logged/path?q=1").await,
+        Ok((200, "logged".to_owned()))
+    );
+    let line = wait_for_line(&proc, "/logged/path?q=1").await;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["target"], "access");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["host"], "app.test");
+    assert_eq!(v["path"], "/logged/path?q=1");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["replica"], up.addr.to_string());
+    assert_eq!(v["bytes"], 6);
+    assert_eq!(v["client"], "127.0.0.1");
+    assert_eq!(v["request_id"].as_str().map(str::len), Some(32));
+    let sent_id = up
+        .last()
+        .headers
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        v["request_id"], sent_id,
+        "the logged id is the one sent upstream"
+    );
+    assert!(v["duration_ms"].as_f64().is_some() && v["upstream_ms"].as_f64().is_some());
+}
+
+#[tokio::test]
+async fn the_combined_access_log_is_the_classic_format() {
+    let up = Upstream::start("combined").await;
+    let (proc, addr, _dir) = start_logging_proxy(&up, "access_log: combined").await;
+    assert_eq!(try_get(addr, "/c").await, Ok((200, "combined".to_owned())));
+    let line = wait_for_line(&proc, "\"GET /c HTTP/1.1\"").await;
+    assert!(line.contains("127.0.0.1 - - ["), "{line}");
+    assert!(
+        line.ends_with("\"GET /c HTTP/1.1\" 200 8 \"-\" \"-\""),
+        "{line}"
+    );
+}

@@ -36,6 +36,8 @@ pub struct AccessRecord {
     pub request_id: Option<HeaderValue>,
     /// Time to the upstream's response head.
     pub upstream_ms: Option<f64>,
+    /// The connection's TLS version and SNI, for HTTPS.
+    pub tls: Option<Arc<std::sync::OnceLock<crate::proxy::TlsInfo>>>,
 }
 
 /// `[04/Dec/2026:21:30:00 +0000]`, the Common Log Format time.
@@ -69,12 +71,19 @@ impl AccessRecord {
             .unwrap_or("-");
         let path = self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let replica = ReplicaField(self.replica);
+        let tls = self.tls.as_ref().and_then(|t| t.get());
+        let tls_version = tls.map(|t| t.version.as_str());
+        let sni = tls.and_then(|t| t.sni.as_deref());
         match self.format {
             AccessLog::Off => {}
             AccessLog::Text => tracing::info!(
                 target: "access",
-                "{client} {method} {host} {path} {status} {replica} {ms:.1}ms {bytes}B id={id}{sep}{error}",
+                "{client} {method} {host} {path} {status} {replica} {ms:.1}ms {bytes}B id={id}{tls}{sep}{error}",
                 id = text(&self.request_id),
+                tls = match tls {
+                    Some(t) => format!(" {} sni={}", t.version, t.sni.as_deref().unwrap_or("-")),
+                    None => String::new(),
+                },
                 client = self.client,
                 method = self.method,
                 status = self.status.as_u16(),
@@ -116,6 +125,8 @@ impl AccessRecord {
                 bytes = self.bytes,
                 request_id = text(&self.request_id),
                 user_agent = text(&self.user_agent),
+                tls_version,
+                sni,
                 error = self.error,
             ),
         }

@@ -26,13 +26,23 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// What the server knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Port of the listener (what `X-Forwarded-Port` reports).
     pub local_port: u16,
     /// `http` or `https`.
     pub proto: &'static str,
+    /// For HTTPS connections, filled in once the handshake is done.
+    pub tls: Option<Arc<std::sync::OnceLock<TlsInfo>>>,
+}
+
+/// What the access log says about a connection's TLS.
+#[derive(Debug)]
+pub struct TlsInfo {
+    /// `TLSv1_3`, `TLSv1_2`.
+    pub version: String,
+    pub sni: Option<String>,
 }
 
 /// Everything a request needs, built from one config. Swapped whole on reload.
@@ -166,6 +176,7 @@ impl Proxy {
                 user_agent: req.headers().get(header::USER_AGENT).cloned(),
                 request_id: None,
                 upstream_ms: None,
+                tls: conn.tls.clone(),
             })
         });
         let Some(host) = host else {

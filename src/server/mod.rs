@@ -453,16 +453,19 @@ async fn serve_connection(stream: TcpStream, https: bool, shared: Shared) {
         timeouts.client_idle,
     );
     let proto = if tls.is_some() { "https" } else { "http" };
-    let info = ConnInfo {
+    let tls_info = tls.as_ref().map(|_| Arc::new(std::sync::OnceLock::new()));
+    let info = Arc::new(ConnInfo {
         peer,
         local_port: local.port(),
         proto,
-    };
+        tls: tls_info.clone(),
+    });
     let request_stats = Arc::clone(&stats);
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&state.load().proxy);
         let busy = activity.begin();
         let stats = Arc::clone(&request_stats);
+        let info = Arc::clone(&info);
         async move {
             stats.in_flight.fetch_add(1, Ordering::Relaxed);
             let resp = proxy.handle(req, &info).await;
@@ -481,7 +484,17 @@ async fn serve_connection(stream: TcpStream, https: bool, shared: Shared) {
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, tls_handshake(io, &tls, local.ip(), peer));
             match handshake.await {
                 Ok(Some(stream)) => {
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let session = stream.get_ref().1;
+                    let h2 = session.alpn_protocol() == Some(b"h2");
+                    if let Some(cell) = &tls_info {
+                        let _ = cell.set(crate::proxy::TlsInfo {
+                            version: session
+                                .protocol_version()
+                                .map(|v| format!("{v:?}"))
+                                .unwrap_or_default(),
+                            sni: session.server_name().map(str::to_owned),
+                        });
+                    }
                     let _open = GaugeGuard::new(if h2 {
                         &stats.connections_h2
                     } else {
