@@ -282,6 +282,32 @@ pub fn metrics(g: &Generation, s: &ServerStats) -> String {
     out.push_str(&latency_lines);
     let _ = writeln!(out, "# TYPE gangway_replica_healthy gauge");
     out.push_str(&health_lines);
+    let acme = crate::acme::report(&g.config);
+    if !acme.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP gangway_certificate_renewal_failing 1 while the last ACME attempt for a certificate failed."
+        );
+        let _ = writeln!(out, "# TYPE gangway_certificate_renewal_failing gauge");
+        let secs = |t: Option<std::time::SystemTime>| {
+            t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+        };
+        for c in &acme {
+            let name = esc(c.names.first().map(String::as_str).unwrap_or("-"));
+            let _ = writeln!(
+                out,
+                "gangway_certificate_renewal_failing{{name=\"{name}\"}} {}",
+                u8::from(c.last_error.is_some())
+            );
+            if let Some(t) = secs(c.next_renewal) {
+                let _ = writeln!(
+                    out,
+                    "gangway_certificate_next_renewal_timestamp_seconds{{name=\"{name}\"}} {t}"
+                );
+            }
+        }
+    }
     if let Some(tls) = &g.tls {
         let _ = writeln!(
             out,
