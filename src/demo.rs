@@ -45,9 +45,9 @@ pub async fn whoami(listener: TcpListener, name: String, stop: CancellationToken
     }
 }
 
-fn whoami_body<B>(name: &str, req: &Request<B>) -> String {
-    let headers: serde_json::Map<String, serde_json::Value> = req
-        .headers()
+/// Request headers as a JSON object (for whoami answers: the demo's and gangway-whoami's).
+pub fn headers_json(headers: &http::HeaderMap) -> serde_json::Map<String, serde_json::Value> {
+    headers
         .iter()
         .map(|(k, v)| {
             (
@@ -55,7 +55,11 @@ fn whoami_body<B>(name: &str, req: &Request<B>) -> String {
                 serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
             )
         })
-        .collect();
+        .collect()
+}
+
+fn whoami_body<B>(name: &str, req: &Request<B>) -> String {
+    let headers = headers_json(req.headers());
     let doc = serde_json::json!({
         "replica": name,
         "method": req.method().as_str(),

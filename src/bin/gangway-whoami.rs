@@ -176,16 +176,7 @@ async fn answer(
     let sleep = query_value(&path, "sleep_ms")
         .and_then(|v| v.parse::<u64>().ok())
         .map(|ms| Duration::from_millis(ms).min(MAX_SLEEP));
-    let headers: serde_json::Map<String, serde_json::Value> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
-            )
-        })
-        .collect();
+    let headers = gangway::demo::headers_json(req.headers());
     let doc = serde_json::json!({
         "hostname": &*name,
         "method": req.method().as_str(),

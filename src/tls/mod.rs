@@ -98,10 +98,6 @@ impl CertStore {
         out.sort();
         out
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.suffix.is_empty() && self.any.is_none()
-    }
 }
 
 /// A resolver that always answers with one certificate, for handshakes without SNI.

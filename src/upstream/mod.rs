@@ -227,9 +227,8 @@ impl Backend {
                 r.set_active(true);
             }
         }
-        let weights = self.weights_of(&members.replicas, &old.weights_by_addr(&members));
-        self.members
-            .store(Arc::new(Members::new(members.replicas.clone(), &weights)));
+        // The same replicas in the same cycle; the resolve that follows applies new weights.
+        self.members.store(members);
     }
 
     fn weights_by_addr(&self, members: &Members) -> Vec<(SocketAddr, u32)> {
@@ -244,19 +243,6 @@ impl Backend {
             .iter()
             .map(|r| r.addr)
             .zip(counts)
-            .collect()
-    }
-
-    fn weights_of(&self, replicas: &[Arc<Replica>], known: &[(SocketAddr, u32)]) -> Vec<u32> {
-        replicas
-            .iter()
-            .map(|r| {
-                known
-                    .iter()
-                    .find(|(a, _)| *a == r.addr)
-                    .map(|(_, w)| *w)
-                    .unwrap_or(1)
-            })
             .collect()
     }
 

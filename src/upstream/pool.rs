@@ -80,11 +80,6 @@ impl ConnPool {
             });
         }
     }
-
-    /// Number of idle connections (for tests and status).
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
 }
 
 /// Opens a new HTTP/1.1 connection. The connection task runs until the peer or every sender
