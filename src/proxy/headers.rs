@@ -57,16 +57,29 @@ fn connection_tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
 /// Removes hop-by-hop headers, including every header named in `Connection`. When `upgrade`
 /// is set the `Upgrade` header is kept and `Connection: upgrade` is sent on.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(connection_tokens)
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(upgrade && name == header::UPGRADE) {
-                headers.remove(&name);
+    // Most messages carry none, or only `Connection: keep-alive`: one pass over the names
+    // (cheap comparisons of standard names) finds them, instead of a hashed removal for
+    // each of the nine candidates.
+    let fixed = fixed_hop_by_hop();
+    let mut found = [false; 9];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = fixed.iter().position(|h| *h == name) {
+            found[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+        let (_, values) = entry.remove_entry_mult();
+        let values: Vec<HeaderValue> = values.collect();
+        for token in values.iter().flat_map(connection_tokens) {
+            let keep = upgrade && token.eq_ignore_ascii_case("upgrade");
+            if !keep && !token.eq_ignore_ascii_case("close") {
+                // Removal by &str looks the name up without allocating it.
+                headers.remove(token);
             }
         }
     }
@@ -75,8 +88,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else {
         None
     };
-    for name in fixed_hop_by_hop() {
-        headers.remove(name);
+    for (name, present) in fixed.into_iter().zip(found) {
+        if present {
+            headers.remove(name);
+        }
     }
     if let Some(v) = upgrade_value {
         headers.insert(header::UPGRADE, v);
@@ -84,18 +99,55 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// What gangway says about a connection's peer and listener in forwarding headers, made once
+/// per connection rather than formatted for every request.
+#[derive(Debug, Clone)]
+pub struct PeerText {
+    /// The peer, IPv4-mapped addresses unwrapped.
+    pub ip: IpAddr,
+    /// `ip` as text.
+    pub ip_value: HeaderValue,
+    /// The RFC 7239 node for `ip`: `for=192.0.2.1` or `for="[2001:db8::1]"`.
+    forwarded_for: Box<str>,
+    /// The listener's port.
+    pub port: u16,
+    port_value: HeaderValue,
+}
+
+impl PeerText {
+    pub fn new(peer: IpAddr, port: u16) -> PeerText {
+        let ip = canonical_ip(peer);
+        let text = ip.to_string();
+        let forwarded_for = match ip {
+            IpAddr::V4(_) => format!("for={text}"),
+            IpAddr::V6(_) => format!("for=\"[{text}]\""),
+        };
+        PeerText {
+            ip,
+            ip_value: HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+                .unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded_for: forwarded_for.into_boxed_str(),
+            port,
+            port_value: HeaderValue::from(port),
+        }
+    }
+}
+
 /// What gangway knows about the request it is forwarding.
 pub struct Forwarding<'a> {
-    /// The TCP peer.
-    pub peer: IpAddr,
+    /// The TCP peer and the listener's port (used when Host names none).
+    pub conn: &'a PeerText,
     /// `http` or `https`, as seen by gangway's listener.
     pub proto: &'static str,
     /// The request's host as the client sent it (Host or :authority), port included.
     pub host: &'a HeaderValue,
-    /// The port of the listener the request arrived on (used when Host names none).
-    pub port: u16,
     /// The path prefix removed by `strip_prefix`, if any.
     pub prefix: Option<&'a str>,
+}
+
+/// Is this a header a client could use to claim another address, scheme, host or prefix?
+fn is_forwarding_header(name: &HeaderName) -> bool {
+    name == header::FORWARDED || name == X_REAL_IP || name.as_str().starts_with("x-forwarded-")
 }
 
 /// Sets X-Forwarded-For/Proto/Host/Port/Prefix, X-Real-IP and Forwarded.
@@ -108,9 +160,11 @@ pub fn set_forwarding(
     fwd: &Forwarding<'_>,
     trusted: &TrustedProxies,
 ) -> IpAddr {
-    let peer = canonical_ip(fwd.peer);
+    let peer = fwd.conn.ip;
     let from_trusted = trusted.contains(peer);
-    if !from_trusted {
+    // Up to seven headers are added: one growth of the map, not several.
+    headers.reserve(8);
+    if !from_trusted && headers.keys().any(is_forwarding_header) {
         for name in [
             &X_FORWARDED_FOR,
             &X_FORWARDED_PROTO,
@@ -127,46 +181,56 @@ pub fn set_forwarding(
         }
     }
 
-    // X-Forwarded-For: previous hops (only those a trusted peer vouches for), then the peer.
-    let mut xff = String::with_capacity(64);
-    for v in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(s) = v.to_str() {
-            for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                if !xff.is_empty() {
-                    xff.push_str(", ");
+    let client = if from_trusted {
+        // X-Forwarded-For: previous hops (only those a trusted peer vouches for), then the peer.
+        let mut xff = String::with_capacity(64);
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(s) = v.to_str() {
+                for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    if !xff.is_empty() {
+                        xff.push_str(", ");
+                    }
+                    xff.push_str(part);
                 }
-                xff.push_str(part);
             }
         }
-    }
-    let client = client_address(&xff, peer, trusted);
-    if !xff.is_empty() {
-        xff.push_str(", ");
-    }
-    let _ = write!(xff, "{peer}");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(&X_FORWARDED_FOR, v);
-    }
-
-    let mut ip_buf = String::with_capacity(40);
-    let _ = write!(ip_buf, "{client}");
-    if let Ok(v) = HeaderValue::from_str(&ip_buf) {
-        headers.insert(&X_REAL_IP, v);
-    }
+        let client = client_address(&xff, peer, trusted);
+        if xff.is_empty() {
+            headers.insert(&X_FORWARDED_FOR, fwd.conn.ip_value.clone());
+        } else {
+            xff.push_str(", ");
+            let _ = write!(xff, "{peer}");
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+                headers.insert(&X_FORWARDED_FOR, v);
+            }
+        }
+        if client == peer {
+            headers.insert(&X_REAL_IP, fwd.conn.ip_value.clone());
+        } else if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(client.to_string()))
+        {
+            headers.insert(&X_REAL_IP, v);
+        }
+        client
+    } else {
+        // Nothing of the client's survives: the chain is the peer alone.
+        headers.insert(&X_FORWARDED_FOR, fwd.conn.ip_value.clone());
+        headers.insert(&X_REAL_IP, fwd.conn.ip_value.clone());
+        peer
+    };
 
     if !headers.contains_key(&X_FORWARDED_PORT) {
         // The port the client connected to: explicit in Host when not the default (a
         // published 8443 mapped to gangway's 443 shows here), else the default port of a
         // trusted proxy's scheme, else our listener's port.
         let port = match host_port(fwd.host) {
-            Some(p) => p,
+            Some(p) => HeaderValue::from(p),
             None => match headers.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
-                Some(b"https") => 443,
-                Some(b"http") => 80,
-                _ => fwd.port,
+                Some(b"https") => HeaderValue::from_static("443"),
+                Some(b"http") => HeaderValue::from_static("80"),
+                _ => fwd.conn.port_value.clone(),
             },
         };
-        headers.insert(&X_FORWARDED_PORT, HeaderValue::from(port));
+        headers.insert(&X_FORWARDED_PORT, port);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
@@ -189,35 +253,36 @@ pub fn set_forwarding(
     }
 
     // RFC 7239 Forwarded: one element for this hop, appended to a trusted peer's list.
-    let mut fwd_value = String::with_capacity(96);
-    for v in headers.get_all(header::FORWARDED) {
-        if let Ok(s) = v.to_str() {
-            if !fwd_value.is_empty() {
-                fwd_value.push_str(", ");
+    let host = fwd.host.to_str().ok();
+    let mut fwd_value =
+        String::with_capacity(fwd.conn.forwarded_for.len() + host.map_or(0, str::len) + 24);
+    if from_trusted {
+        for v in headers.get_all(header::FORWARDED) {
+            if let Ok(s) = v.to_str() {
+                if !fwd_value.is_empty() {
+                    fwd_value.push_str(", ");
+                }
+                fwd_value.push_str(s.trim());
             }
-            fwd_value.push_str(s.trim());
+        }
+        if !fwd_value.is_empty() {
+            fwd_value.push_str(", ");
         }
     }
-    if !fwd_value.is_empty() {
-        fwd_value.push_str(", ");
-    }
-    match peer {
-        IpAddr::V4(v4) => {
-            let _ = write!(fwd_value, "for={v4}");
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(fwd_value, "for=\"[{v6}]\"");
-        }
-    }
-    if let Ok(host) = fwd.host.to_str() {
+    fwd_value.push_str(&fwd.conn.forwarded_for);
+    if let Some(host) = host {
         if host.bytes().all(is_tchar) {
-            let _ = write!(fwd_value, ";host={host}");
+            fwd_value.push_str(";host=");
+            fwd_value.push_str(host);
         } else if !host.contains(['"', '\\']) {
-            let _ = write!(fwd_value, ";host=\"{host}\"");
+            fwd_value.push_str(";host=\"");
+            fwd_value.push_str(host);
+            fwd_value.push('"');
         }
     }
-    let _ = write!(fwd_value, ";proto={}", fwd.proto);
-    if let Ok(v) = HeaderValue::from_str(&fwd_value) {
+    fwd_value.push_str(";proto=");
+    fwd_value.push_str(fwd.proto);
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd_value)) {
         headers.insert(header::FORWARDED, v);
     }
     client
@@ -461,11 +526,11 @@ mod tests {
         for case in cases {
             let mut h = map(case.incoming);
             let host = HeaderValue::from_static("app.example.com");
+            let conn = PeerText::new(case.peer.parse().unwrap(), 8080);
             let fwd = Forwarding {
-                peer: case.peer.parse().unwrap(),
+                conn: &conn,
                 proto: "http",
                 host: &host,
-                port: 8080,
                 prefix: case.prefix,
             };
             set_forwarding(&mut h, &fwd, &trusted(case.trusted));
@@ -479,11 +544,11 @@ mod tests {
     fn host_with_port_is_quoted_in_forwarded() {
         let mut h = HeaderMap::new();
         let host = HeaderValue::from_static("app.example.com:8443");
+        let conn = PeerText::new("192.0.2.1".parse().unwrap(), 443);
         let fwd = Forwarding {
-            peer: "192.0.2.1".parse().unwrap(),
+            conn: &conn,
             proto: "https",
             host: &host,
-            port: 443,
             prefix: None,
         };
         set_forwarding(&mut h, &fwd, &TrustedProxies::default());

@@ -29,8 +29,8 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
-    /// Port of the listener (what `X-Forwarded-Port` reports).
-    pub local_port: u16,
+    /// The peer address and listener port (what `X-Forwarded-Port` reports) as header text.
+    pub text: headers::PeerText,
     /// `http` or `https`.
     pub proto: &'static str,
     /// For HTTPS connections, filled in once the handshake is done.
@@ -112,6 +112,22 @@ enum Attempt {
     /// Nothing was sent: the request comes back to try elsewhere.
     NotConnected(Request<ReqBody>, ConnectError),
     Failed(Failure, String),
+}
+
+impl ConnInfo {
+    pub fn new(
+        peer: SocketAddr,
+        local_port: u16,
+        proto: &'static str,
+        tls: Option<Arc<std::sync::OnceLock<TlsInfo>>>,
+    ) -> ConnInfo {
+        ConnInfo {
+            peer,
+            text: headers::PeerText::new(peer.ip(), local_port),
+            proto,
+            tls,
+        }
+    }
 }
 
 impl Proxy {
@@ -233,20 +249,26 @@ impl Proxy {
     }
 
     /// The request id sent upstream: a trusted peer's `X-Request-Id` when it is sane, else a
-    /// new random one (a client must not choose the id other systems correlate by).
-    fn request_id(&self, headers: &mut http::HeaderMap, peer: std::net::IpAddr) -> HeaderValue {
+    /// new random one (a client must not choose the id other systems correlate by). Returns
+    /// a copy for the access log when `keep` is set.
+    fn request_id(
+        &self,
+        headers: &mut http::HeaderMap,
+        peer: std::net::IpAddr,
+        keep: bool,
+    ) -> Option<HeaderValue> {
         if self.trusted.contains(peer)
             && let Some(v) = headers.get(&X_REQUEST_ID)
             && !v.is_empty()
             && v.len() <= 200
             && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
         {
-            return v.clone();
+            return keep.then(|| v.clone());
         }
-        let id = format!("{:032x}", fastrand::u128(..));
-        let value = HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("-"));
-        headers.insert(&X_REQUEST_ID, value.clone());
-        value
+        let value = random_request_id();
+        let kept = keep.then(|| value.clone());
+        headers.insert(&X_REQUEST_ID, value);
+        kept
     }
 
     /// Forwards a routed request to one of the route's replicas.
@@ -303,18 +325,17 @@ impl Proxy {
         let client = headers::set_forwarding(
             &mut parts.headers,
             &Forwarding {
-                peer: conn.peer.ip(),
+                conn: &conn.text,
                 proto: conn.proto,
                 host: &host,
-                port: conn.local_port,
                 prefix: route.strip.as_deref(),
             },
             &self.trusted,
         );
-        let request_id = self.request_id(&mut parts.headers, conn.peer.ip());
+        let request_id = self.request_id(&mut parts.headers, conn.text.ip, log.is_some());
         if let Some(l) = log.as_mut() {
             l.client = client;
-            l.request_id = Some(request_id);
+            l.request_id = request_id;
         }
 
         let backend = &route.backend;
@@ -607,6 +628,18 @@ impl RequestCopy {
         *req.headers_mut() = self.headers.clone();
         req
     }
+}
+
+/// 128 random bits as 32 lowercase hex digits.
+fn random_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bits = fastrand::u128(..);
+    let mut text = [0u8; 32];
+    for digit in text.iter_mut().rev() {
+        *digit = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
 }
 
 const STICKY_COOKIE: &str = "gw_sticky";

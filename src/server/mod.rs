@@ -454,12 +454,7 @@ async fn serve_connection(stream: TcpStream, https: bool, shared: Shared) {
     );
     let proto = if tls.is_some() { "https" } else { "http" };
     let tls_info = tls.as_ref().map(|_| Arc::new(std::sync::OnceLock::new()));
-    let info = Arc::new(ConnInfo {
-        peer,
-        local_port: local.port(),
-        proto,
-        tls: tls_info.clone(),
-    });
+    let info = Arc::new(ConnInfo::new(peer, local.port(), proto, tls_info.clone()));
     let request_stats = Arc::clone(&stats);
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&state.load().proxy);
