@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 /// mimalloc: faster than glibc malloc for hyper's many small, short-lived allocations, and it
 /// gives freed pages back to the system (glibc keeps them), so memory falls again after a
 /// burst of connections.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -190,3 +190,102 @@ async fn idle_keep_alive_is_closed_but_busy_connections_are_not() {
         "closed too late: {idle:?}"
     );
 }
+
+/// Reads one HTTP/1.1 response with a Content-Length body from a raw connection.
+async fn read_response(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let status: u16 = head[9..12].parse().expect("status code");
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .expect("content-length");
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                buf.drain(..end + 4 + len);
+                return (status, body);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "connection closed while waiting for a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// An idle keep-alive connection gives up hyper's buffers after 50 ms (it is parked) and
+/// must then serve exactly as before: a later request, two pipelined ones, and a request
+/// head split across a pause all get their answers on the same connection.
+#[tokio::test]
+async fn a_parked_keep_alive_connection_serves_on() {
+    use tokio::io::AsyncWriteExt;
+    let a = Upstream::start("a").await;
+    let gw = Gangway::start(&catch_all(&[&a], "")).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    let pause = Duration::from_millis(200);
+
+    conn.write_all(get("/one").as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
+    tokio::time::sleep(pause).await;
+    conn.write_all(get("/two").as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
+    tokio::time::sleep(pause).await;
+    conn.write_all(format!("{}{}", get("/three"), get("/four")).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
+    assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
+    tokio::time::sleep(pause).await;
+    let split = get("/five");
+    conn.write_all(&split.as_bytes()[..10]).await.unwrap();
+    tokio::time::sleep(pause).await;
+    conn.write_all(&split.as_bytes()[10..]).await.unwrap();
+    assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
+
+    let paths: Vec<String> = a
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
+    assert_eq!(paths, ["/one", "/two", "/three", "/four", "/five"]);
+    assert_eq!(
+        a.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream connection, reused throughout"
+    );
+}
+
+/// A WebSocket that stays silent for longer than the park delay is a tunnel, not an idle
+/// HTTP connection: it must not be cut.
+#[tokio::test]
+async fn a_quiet_websocket_is_not_parked() {
+    let a = Upstream::start("a").await;
+    let gw = Gangway::start(&catch_all(&[&a], "")).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr))
+        .await
+        .expect("websocket handshake");
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let text = format!("after a pause {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo in time")
+            .expect("stream open")
+            .expect("frame");
+        assert_eq!(echo.into_text().unwrap().as_str(), text);
+    }
+}

@@ -158,6 +158,8 @@ pub struct ProxyBody {
     log: Option<Box<AccessRecord>>,
     /// Counts this response in its replica's in-flight requests until it is done.
     _in_flight: Option<InFlight>,
+    /// Tells the client connection a response is still being sent until it is done.
+    _streaming: Option<crate::server::timed_io::Streaming>,
 }
 
 /// One request in flight on a replica (for least_conn and random); ends when dropped.
@@ -191,7 +193,13 @@ impl ProxyBody {
             inner: Inner::Upstream { body, conn },
             log,
             _in_flight: in_flight,
+            _streaming: None,
         }
+    }
+
+    /// Keeps `guard` until hyper is done with this body.
+    pub fn hold(&mut self, guard: crate::server::timed_io::Streaming) {
+        self._streaming = Some(guard);
     }
 
     pub fn full(bytes: Bytes, log: Option<Box<AccessRecord>>) -> Self {
@@ -203,6 +211,7 @@ impl ProxyBody {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             log,
             _in_flight: None,
+            _streaming: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Listeners, accept loops, per-connection tasks and graceful shutdown.
 
-mod timed_io;
+pub mod timed_io;
 
 use crate::admin::{
     self,
@@ -11,6 +11,7 @@ use crate::proxy::{ConnInfo, Proxy};
 use crate::tls;
 use crate::upstream::{self, resolve::Resolve};
 use arc_swap::ArcSwap;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -18,6 +19,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -155,6 +157,7 @@ struct Endpoint {
 struct Shared {
     state: Arc<ArcSwap<Generation>>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    h1: Arc<http1::Builder>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     stats: Arc<ServerStats>,
@@ -206,6 +209,7 @@ pub async fn run_with_reload(
     let shared = Shared {
         state: Arc::new(ArcSwap::from_pointee(generation)),
         builder: Arc::new(http_builder()),
+        h1: Arc::new(h1_builder()),
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
         stats: Arc::clone(&stats),
@@ -375,6 +379,16 @@ async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
+/// HTTP/1.1 on plain connections, which are parked between requests (see [`serve_plain`]).
+fn h1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true);
+    builder
+}
+
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -426,6 +440,7 @@ async fn serve_connection(stream: TcpStream, https: bool, shared: Shared) {
     let Shared {
         state,
         builder,
+        h1,
         shutdown,
         stats,
         ..
@@ -459,12 +474,17 @@ async fn serve_connection(stream: TcpStream, https: bool, shared: Shared) {
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&state.load().proxy);
         let busy = activity.begin();
+        let streaming = activity.streaming();
         let stats = Arc::clone(&request_stats);
         let info = Arc::clone(&info);
         async move {
             stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            let resp = proxy.handle(req, &info).await;
+            let mut resp = proxy.handle(req, &info).await;
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            resp.body_mut().hold(streaming);
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                busy.upgraded();
+            }
             drop(busy);
             Ok::<_, Infallible>(resp)
         }
@@ -472,35 +492,205 @@ async fn serve_connection(stream: TcpStream, https: bool, shared: Shared) {
     match tls {
         None => {
             let _open = GaugeGuard::new(&stats.connections_h1);
-            serve_http(TokioIo::new(io), &builder, service, &shutdown, peer).await
+            let io = io.park_after(PARK_AFTER);
+            serve_plain(io, &builder, &h1, service, &shutdown, peer).await
         }
+        // Boxed: the handshake and a TLS session are large, and the task holds them only for
+        // TLS connections.
         Some(tls) => {
-            let handshake =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, tls_handshake(io, &tls, local.ip(), peer));
-            match handshake.await {
-                Ok(Some(stream)) => {
-                    let session = stream.get_ref().1;
-                    let h2 = session.alpn_protocol() == Some(b"h2");
-                    if let Some(cell) = &tls_info {
-                        let _ = cell.set(crate::proxy::TlsInfo {
-                            version: session
-                                .protocol_version()
-                                .map(|v| format!("{v:?}"))
-                                .unwrap_or_default(),
-                            sni: session.server_name().map(str::to_owned),
+            Box::pin(async move {
+                let handshake = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    tls_handshake(io, &tls, local.ip(), peer),
+                );
+                match handshake.await {
+                    Ok(Some(stream)) => {
+                        let session = stream.get_ref().1;
+                        let h2 = session.alpn_protocol() == Some(b"h2");
+                        if let Some(cell) = &tls_info {
+                            let _ = cell.set(crate::proxy::TlsInfo {
+                                version: session
+                                    .protocol_version()
+                                    .map(|v| format!("{v:?}"))
+                                    .unwrap_or_default(),
+                                sni: session.server_name().map(str::to_owned),
+                            });
+                        }
+                        let _open = GaugeGuard::new(if h2 {
+                            &stats.connections_h2
+                        } else {
+                            &stats.connections_h1
                         });
+                        serve_http(TokioIo::new(stream), &builder, service, &shutdown, peer).await
                     }
-                    let _open = GaugeGuard::new(if h2 {
-                        &stats.connections_h2
-                    } else {
-                        &stats.connections_h1
-                    });
-                    serve_http(TokioIo::new(stream), &builder, service, &shutdown, peer).await
+                    Ok(None) => {}
+                    Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
                 }
-                Ok(None) => {}
-                Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+            })
+            .await
+        }
+    }
+}
+
+/// How long a plain HTTP/1 connection stays idle with hyper's buffers (16 KiB) before it is
+/// parked as a bare socket (about 4 KiB with its task and timers). Short enough that a burst
+/// of clients that then sit idle never holds all their buffers at once, long enough that a
+/// connection under load (next request within milliseconds) is not parked between requests.
+const PARK_AFTER: Duration = Duration::from_millis(50);
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4), which starts h2c with prior knowledge.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves a plain connection: HTTP/1.1, parked between requests once idle, or h2c with
+/// prior knowledge when it starts with the HTTP/2 preface.
+async fn serve_plain<S, B>(
+    mut io: TimedIo<TcpStream>,
+    auto: &auto::Builder<TokioExecutor>,
+    h1: &http1::Builder,
+    service: S,
+    shutdown: &CancellationToken,
+    peer: SocketAddr,
+) where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // The first bytes decide the protocol; nothing is allocated for a silent connection.
+    tokio::select! {
+        r = io.readable() => if r.is_err() { return },
+        _ = shutdown.cancelled() => return,
+    }
+    let mut first = [0u8; H2_PREFACE.len()];
+    let n = io.get_ref().peek(&mut first).await.unwrap_or(0);
+    if n > 0 && H2_PREFACE.starts_with(&first[..n]) {
+        // Boxed, like the HTTP/1 connection below: the task stays small.
+        return Box::pin(serve_http(TokioIo::new(io), auto, service, shutdown, peer)).await;
+    }
+    let mut unread = bytes::Bytes::new();
+    loop {
+        io.resume();
+        let conn = h1
+            .serve_connection(TokioIo::new(Prefixed::new(unread, io)), service.clone())
+            .with_upgrades();
+        // Boxed: while parked, the task holds only the socket and its timers.
+        let mut conn = Box::pin(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        };
+        if let Err(e) = &result {
+            tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+            return;
+        }
+        // Upgraded (WebSocket), closed by the client, or timed out: done.
+        let Some(parts) = Pin::into_inner(conn).into_parts() else {
+            return;
+        };
+        let (rest, back) = parts.io.into_inner().into_inner();
+        let read_buf = parts.read_buf;
+        if !back.is_parked() || shutdown.is_cancelled() {
+            return;
+        }
+        tracing::trace!(peer = %peer, "idle connection parked");
+        io = back;
+        // Copied out, and the buffer dropped here: hyper's read buffer (8 KiB and more) must
+        // not live on while the connection is parked.
+        unread = unread_bytes(rest, read_buf);
+        if unread.is_empty() {
+            tokio::select! {
+                r = io.readable() => if r.is_err() { return },
+                _ = shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+/// What a parked connection had received but not parsed, in a buffer of its own size. Takes
+/// the buffers by value so that they are freed here, before the connection waits.
+fn unread_bytes(rest: bytes::Bytes, read_buf: bytes::Bytes) -> bytes::Bytes {
+    if rest.is_empty() && read_buf.is_empty() {
+        bytes::Bytes::new()
+    } else {
+        [rest, read_buf].concat().into()
+    }
+}
+
+/// An IO that first yields bytes already read from it (hyper's leftover buffer).
+struct Prefixed<T> {
+    unread: bytes::Bytes,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    fn new(unread: bytes::Bytes, inner: T) -> Self {
+        Prefixed { unread, inner }
+    }
+
+    fn into_inner(self) -> (bytes::Bytes, T) {
+        (self.unread, self.inner)
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -8,6 +8,12 @@
 //! - header (bytes of a new request arrived, no request dispatched yet): closed `header`
 //!   after the first byte, however slowly the rest trickles in;
 //! - busy (a request is being handled): no client-side deadline; upstream timeouts apply.
+//!
+//! It also lets an idle plain-HTTP/1 connection be *parked*: once it has been idle for
+//! `park_after` with every response body done, the next read reports end of stream to
+//! hyper, which ends the connection cleanly without shutting the socket down (see
+//! `poll_shutdown`). The server then holds the bare socket, with none of hyper's buffers,
+//! until the client sends again, and starts a new hyper connection on it.
 
 use std::future::Future;
 use std::io;
@@ -24,6 +30,21 @@ use tokio::time::{Instant, Sleep};
 pub struct Activity {
     in_flight: AtomicUsize,
     finished: AtomicU64,
+    /// Response bodies hyper is still sending.
+    streaming: AtomicUsize,
+    /// The connection was upgraded (WebSocket): a tunnel, never parked, no request heads.
+    upgraded: std::sync::atomic::AtomicBool,
+}
+
+/// Held by a response body until hyper has sent it (or dropped it).
+pub struct Streaming(Arc<Activity>);
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        // Counts as activity: the connection goes idle again from now.
+        self.0.finished.fetch_add(1, Ordering::AcqRel);
+        self.0.streaming.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Held while a request is handled.
@@ -33,6 +54,19 @@ impl Activity {
     pub fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Busy(Arc::clone(self))
+    }
+
+    /// Marks a response body as being sent until the guard is dropped.
+    pub fn streaming(self: &Arc<Self>) -> Streaming {
+        self.streaming.fetch_add(1, Ordering::AcqRel);
+        Streaming(Arc::clone(self))
+    }
+}
+
+impl Busy {
+    /// The connection becomes a tunnel once this request's response is sent.
+    pub fn upgraded(&self) {
+        self.0.upgraded.store(true, Ordering::Release);
     }
 }
 
@@ -58,6 +92,16 @@ pub struct TimedIo<T> {
     mode: Mode,
     seen_finished: u64,
     deadline: Pin<Box<Sleep>>,
+    /// Park the connection after this much idleness (plain HTTP/1 only).
+    park_after: Option<Duration>,
+    /// The idle deadline currently armed is the park deadline.
+    park_armed: bool,
+    /// When the connection last went idle.
+    idle_since: Instant,
+    /// End of stream was reported to park the connection: shutdown must not close it.
+    parked: bool,
+    /// The last write could not proceed (the client is not reading).
+    write_blocked: bool,
 }
 
 impl<T> TimedIo<T> {
@@ -71,7 +115,32 @@ impl<T> TimedIo<T> {
             mode: Mode::Header,
             seen_finished: 0,
             deadline: Box::pin(tokio::time::sleep(header)),
+            park_after: None,
+            park_armed: false,
+            idle_since: Instant::now(),
+            parked: false,
+            write_blocked: false,
         }
+    }
+
+    /// Lets the connection be parked after `after` of idleness (when shorter than `idle`).
+    pub fn park_after(mut self, after: Duration) -> Self {
+        self.park_after = Some(after).filter(|a| *a < self.idle);
+        self
+    }
+
+    /// Whether hyper was told end of stream to park this connection.
+    pub fn is_parked(&self) -> bool {
+        self.parked
+    }
+
+    /// Serves again after parking: shutdown closes the connection again.
+    pub fn resume(&mut self) {
+        self.parked = false;
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
     }
 
     /// Brings `mode` up to date with the service's request counter.
@@ -84,13 +153,40 @@ impl<T> TimedIo<T> {
         if self.mode == Mode::Busy || finished != self.seen_finished {
             self.seen_finished = finished;
             self.mode = Mode::Idle;
-            self.deadline.as_mut().reset(Instant::now() + self.idle);
+            let now = Instant::now();
+            self.idle_since = now;
+            self.park_armed = self.park_after.is_some();
+            let wait = self.park_after.unwrap_or(self.idle);
+            self.deadline.as_mut().reset(now + wait);
         }
     }
 
+    /// The park deadline passed: park if hyper has nothing left to send, else fall back to
+    /// the idle deadline. Returns whether to park.
+    fn try_park(&mut self, cx: &mut Context<'_>) -> bool {
+        self.park_armed = false;
+        if self.activity.streaming.load(Ordering::Acquire) == 0
+            && !self.write_blocked
+            && !self.activity.upgraded.load(Ordering::Acquire)
+        {
+            self.parked = true;
+            return true;
+        }
+        self.deadline.as_mut().reset(self.idle_since + self.idle);
+        // Register the new deadline with this task.
+        let _ = self.deadline.as_mut().poll(cx);
+        false
+    }
+
     fn on_read(&mut self, n: usize) {
+        if n > 0 && self.mode == Mode::Idle && self.activity.upgraded.load(Ordering::Acquire) {
+            // Tunnel traffic is activity, never the start of a request head.
+            self.push_idle();
+            return;
+        }
         if n > 0 && self.mode == Mode::Idle {
             self.mode = Mode::Header;
+            self.park_armed = false;
             self.deadline.as_mut().reset(Instant::now() + self.header);
         }
     }
@@ -98,16 +194,23 @@ impl<T> TimedIo<T> {
     fn on_write(&mut self, n: usize, cx: &mut Context<'_>) {
         // Sending a response body is activity: push the idle deadline, at most every second
         // of real time to keep timer work off the per-write path.
-        if n > 0 && self.mode == Mode::Idle {
-            let next = Instant::now() + self.idle;
-            if next > self.deadline.deadline() + Duration::from_secs(1) {
-                self.deadline.as_mut().reset(next);
-            }
+        if n > 0 && self.mode == Mode::Idle && !self.park_armed {
+            self.push_idle();
         }
         // The read side may be parked since before the request (hyper polls it once and
         // waits): register the deadline with this task's waker so it is seen when it fires.
         if self.expired(cx) {
             cx.waker().wake_by_ref();
+        }
+    }
+
+    /// Moves the idle deadline to `idle` from now, at most once a second of real time to
+    /// keep timer work off the per-read and per-write path.
+    fn push_idle(&mut self) {
+        let next = Instant::now() + self.idle;
+        if next > self.deadline.deadline() + Duration::from_secs(1) {
+            self.park_armed = false;
+            self.deadline.as_mut().reset(next);
         }
     }
 
@@ -133,6 +236,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 if this.expired(cx) {
+                    if this.mode == Mode::Idle && this.park_armed && this.try_park(cx) {
+                        // End of stream, as far as hyper knows; the socket stays open.
+                        return Poll::Ready(Ok(()));
+                    }
+                    if !this.deadline.is_elapsed() {
+                        return Poll::Pending;
+                    }
                     let what = if this.mode == Mode::Header {
                         "request head not received in time"
                     } else {
@@ -153,7 +263,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.write_blocked = polled.is_pending();
+        let n = ready!(polled)?;
         this.refresh();
         this.on_write(n, cx);
         Poll::Ready(Ok(n))
@@ -165,7 +277,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.write_blocked = polled.is_pending();
+        let n = ready!(polled)?;
         this.refresh();
         this.on_write(n, cx);
         Poll::Ready(Ok(n))
@@ -180,6 +294,28 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.parked {
+            // hyper ends a parked connection as if the client had closed it: keep it open.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+impl TimedIo<tokio::net::TcpStream> {
+    /// Waits, holding no buffer, until the client sends again (a parked connection) or
+    /// sends its first bytes (a new one). Fails when the idle (or header) time runs out.
+    pub async fn readable(&mut self) -> io::Result<()> {
+        if self.parked {
+            self.deadline.as_mut().reset(self.idle_since + self.idle);
+        }
+        tokio::select! {
+            r = self.inner.readable() => r,
+            _ = self.deadline.as_mut() => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "idle keep-alive connection timed out",
+            )),
+        }
     }
 }
