@@ -209,7 +209,7 @@ impl Proxy {
                 .uri()
                 .path()
                 .strip_prefix(crate::acme::challenge::HTTP_PREFIX)
-            && let Some(key_authorization) = challenges.http_response(token).await
+            && let Some(key_authorization) = Box::pin(challenges.http_response(token)).await
         {
             tracing::info!(host = host_str, token, "answered an HTTP-01 validation");
             if let Some(l) = log.as_mut() {
@@ -377,7 +377,8 @@ impl Proxy {
             }
             let in_flight = InFlight::new(replica);
             let attempt = if h2c {
-                self.attempt_h2(replica, req).await
+                // Boxed: h2c is the rare case, and its state would enlarge every request.
+                Box::pin(self.attempt_h2(replica, req)).await
             } else {
                 self.attempt(replica, req, upgrade).await
             };
@@ -471,7 +472,10 @@ impl Proxy {
                 }
             }
         }
-        let sender = match pool::connect(replica.addr, self.timeouts.upstream_connect).await {
+        // Boxed: a new connection is the rare case (the pool serves most requests), and its
+        // handshake state would enlarge every request's future, which hyper moves into a box.
+        let connect = Box::pin(pool::connect(replica.addr, self.timeouts.upstream_connect));
+        let sender = match connect.await {
             Ok(s) => s,
             Err(e) => return Attempt::NotConnected(req, e),
         };
