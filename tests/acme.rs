@@ -6,9 +6,25 @@ mod common;
 use acme_support::*;
 use common::Upstream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const ISSUE_LIMIT: Duration = Duration::from_secs(45);
+
+const FAILING: &str = "gangway_certificate_renewal_failing";
+const NEXT_RENEWAL: &str = "gangway_certificate_next_renewal_timestamp_seconds";
+const EXPIRY: &str = "gangway_certificate_expiry_timestamp_seconds";
+
+/// The instance's admin `/metrics` text.
+async fn metrics_text(gw: &Instance) -> String {
+    let got = common::get(gw.admin_addr.expect("admin listener"), "admin", "/metrics").await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    got.text()
+}
+
+/// Whether `text` has exactly the sample line `line`.
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l == line)
+}
 
 fn site(names: &[&str], upstream: &Upstream) -> String {
     format!(
@@ -90,10 +106,13 @@ async fn http01_issues_certificates_for_several_names_with_private_storage() {
     let gw = Instance::start(&yaml, bound);
 
     let roots = roots(&[&pebble.root_pem]);
+    let names = ["a.example.com", "www.a.example.com", "b.example.com"];
     let mut serials = Vec::new();
-    for name in ["a.example.com", "www.a.example.com", "b.example.com"] {
+    let mut not_afters = Vec::new();
+    for name in names {
         let leaf = until_served(&pebble, gw.https_addr, name, ISSUE_LIMIT).await;
         serials.push(serial(&leaf));
+        not_afters.push(not_after(&leaf));
         // The chain verifies against pebble's root, and the site works over it.
         let (status, body) = https_get(gw.https_addr, name, "/hello", &roots)
             .await
@@ -107,6 +126,55 @@ async fn http01_issues_certificates_for_several_names_with_private_storage() {
     // Plain HTTP for an acme site still redirects (the challenge path aside).
     let got = common::get(gw.http_addr, "a.example.com", "/x").await;
     assert_eq!(got.status, 308);
+
+    // The admin metrics: the renewal series are per certificate, labelled with the site's
+    // first name; the expiry series per name. Wait until the manager has recorded the
+    // renewal plan of both certificates (status.json is written after the certificate).
+    let labels = ["a.example.com", "a.example.com", "b.example.com"];
+    let complete = |text: &str| {
+        names.iter().zip(labels).all(|(name, label)| {
+            sample(text, NEXT_RENEWAL, label).is_some() && sample(text, EXPIRY, name).is_some()
+        })
+    };
+    let scraped = poll(Duration::from_secs(10), || async {
+        let text = metrics_text(&gw).await;
+        complete(&text).then_some(text)
+    })
+    .await;
+    let text = match scraped {
+        Some(text) => text,
+        None => panic!(
+            "no renewal or expiry metrics for {names:?}:\n{}",
+            metrics_text(&gw).await
+        ),
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for ((name, label), not_after) in names.iter().zip(labels).zip(&not_afters) {
+        // Issued without error: the failing gauge is exactly 0.
+        assert!(
+            has_line(&text, &format!("{FAILING}{{name=\"{label}\"}} 0")),
+            "{name}:\n{text}"
+        );
+        let next = sample(&text, NEXT_RENEWAL, label).unwrap();
+        let expiry = sample(&text, EXPIRY, name).unwrap();
+        // The expiry is the served certificate's notAfter.
+        assert_eq!(expiry, *not_after as f64, "{name}:\n{text}");
+        // Renewal is planned in the future, before the certificate expires.
+        assert!(
+            now < next && next < expiry,
+            "{name}: now {now}, next renewal {next}, expiry {expiry}"
+        );
+        // And it is what storage records (what `gangway certs` prints).
+        let recorded = status(&storage, &pebble, label).expect("status.json");
+        assert_eq!(
+            recorded["next_renewal"].as_f64(),
+            Some(next),
+            "{name}: {recorded}"
+        );
+    }
 
     #[cfg(unix)]
     {
@@ -343,6 +411,22 @@ async fn a_ca_error_backs_off_instead_of_looping() {
         next - last >= 45,
         "retries after about a minute, not at once: {failed}"
     );
+    // The admin metrics report the failure, and no renewal time: there is no certificate.
+    let failing = format!("{FAILING}{{name=\"blocked.example.com\"}} 1");
+    let scraped = poll(Duration::from_secs(10), || async {
+        let text = metrics_text(&gw).await;
+        has_line(&text, &failing).then_some(text)
+    })
+    .await;
+    let text = match scraped {
+        Some(text) => text,
+        None => panic!("no `{failing}`:\n{}", metrics_text(&gw).await),
+    };
+    assert_eq!(
+        sample(&text, NEXT_RENEWAL, "blocked.example.com"),
+        None,
+        "{text}"
+    );
     // No certificate: the handshake is refused, not answered with some other certificate.
     let cfg = client_config(&roots(&[&pebble.root_pem]));
     assert!(
@@ -372,6 +456,9 @@ async fn a_ca_error_backs_off_instead_of_looping() {
         status(dir.path(), &pebble, "blocked.example.com")
     );
     assert_eq!(pebble.orders(), 0);
+    // The restarted instance reports the failure from storage.
+    let text = metrics_text(&again).await;
+    assert!(has_line(&text, &failing), "{text}");
     again.shutdown().await;
 }
 

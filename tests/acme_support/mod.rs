@@ -376,19 +376,25 @@ impl Http1 {
 pub struct Bound {
     pub http: TcpListener,
     pub https: TcpListener,
+    /// The admin listener (metrics, status), used unless the config says `admin: off`.
+    pub admin: TcpListener,
     pub http_addr: SocketAddr,
     pub https_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
 }
 
 impl Bound {
     pub async fn new() -> Bound {
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let https = TcpListener::bind("127.0.0.1:0").await.expect("bind https");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         Bound {
             http_addr: http.local_addr().unwrap(),
             https_addr: https.local_addr().unwrap(),
+            admin_addr: admin.local_addr().unwrap(),
             http,
             https,
+            admin,
         }
     }
 }
@@ -397,6 +403,8 @@ impl Bound {
 pub struct Instance {
     pub http_addr: SocketAddr,
     pub https_addr: SocketAddr,
+    /// The admin listener (`None` when the config says `admin: off`).
+    pub admin_addr: Option<SocketAddr>,
     pub stop: CancellationToken,
     pub task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -407,6 +415,11 @@ impl Instance {
         let stop = CancellationToken::new();
         let mut listeners = gangway::server::Listeners::http_only(bound.http);
         listeners.https = Some(bound.https);
+        // The configured admin address is ignored like the others: tests bind port 0.
+        let admin_addr = config.listen.admin.map(|_| bound.admin_addr);
+        if admin_addr.is_some() {
+            listeners.admin = Some(bound.admin);
+        }
         let task = tokio::spawn(gangway::server::run(
             config,
             listeners,
@@ -416,6 +429,7 @@ impl Instance {
         Instance {
             http_addr: bound.http_addr,
             https_addr: bound.https_addr,
+            admin_addr,
             stop,
             task: Some(task),
         }
@@ -443,6 +457,7 @@ pub fn config_yaml(pebble: &Pebble, storage: &Path, challenge: &str, sites: &str
 listen:
   http: 127.0.0.1:0
   https: 127.0.0.1:0
+  admin: 127.0.0.1:0
 storage: {storage}
 access_log: off
 acme:
@@ -507,6 +522,27 @@ pub fn serial(der: &CertificateDer<'_>) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// When a certificate expires (notAfter), in seconds since the Unix epoch.
+pub fn not_after(der: &CertificateDer<'_>) -> i64 {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
+    cert.validity().not_after.timestamp()
+}
+
+/// The value of the sample `metric{name="<name>"}` in a Prometheus text exposition.
+pub fn sample(text: &str, metric: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{metric}{{name=\"{name}\"}} ");
+    let values: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .collect();
+    assert!(values.len() <= 1, "{prefix}appears more than once:\n{text}");
+    values.first().map(|v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{prefix}{v:?}: {e}"))
+    })
 }
 
 /// `<storage>/acme/<directory>/certs/<name>/status.json`, parsed.
