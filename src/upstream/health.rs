@@ -48,21 +48,45 @@ pub async fn check_once(addr: SocketAddr, check: &HealthCheck) -> Result<(), Str
     }
 }
 
-/// Streak of results for one replica: positive = passes in a row, negative = failures.
-fn record(replica: &Replica, streak: &mut i64, result: Result<(), String>, check: &HealthCheck) {
+/// What the checker remembers about one replica.
+#[derive(Default)]
+struct Streak {
+    /// Positive = passes in a row, negative = failures.
+    n: i64,
+    /// The passive ejection (its `down_until`) the current run of passes started after.
+    ejection: u64,
+}
+
+fn record(replica: &Replica, streak: &mut Streak, result: Result<(), String>, check: &HealthCheck) {
     match result {
         Ok(()) => {
-            *streak = (*streak).max(0) + 1;
-            if *streak >= i64::from(check.healthy_after) && replica.set_active(true) {
-                // The active check is the authority: a replica it finds healthy again
-                // (restarted, say) is not kept out by an older passive cooldown.
-                replica.clear_passive();
-                tracing::info!(replica = %replica.addr, passes = *streak, "replica healthy: gets traffic");
+            // Passive health took the replica out since the last check (requests failed):
+            // it comes back after `healthy_after` passes counted from then, like a replica
+            // the checks themselves had found down, not only when its cooldown ends. A
+            // replica restarted faster than one check interval is back in moments.
+            let ejection = replica
+                .down_until
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if replica.passive_down() && streak.ejection != ejection {
+                streak.ejection = ejection;
+                streak.n = 0;
+            }
+            streak.n = streak.n.max(0) + 1;
+            if streak.n >= i64::from(check.healthy_after) {
+                if replica.set_active(true) {
+                    // The active check is the authority: a replica it finds healthy again
+                    // (restarted, say) is not kept out by an older passive cooldown.
+                    replica.clear_passive();
+                    tracing::info!(replica = %replica.addr, passes = streak.n, "replica healthy: gets traffic");
+                } else if replica.passive_down() {
+                    replica.clear_passive();
+                    tracing::info!(replica = %replica.addr, passes = streak.n, "replica passes its checks again: back in rotation");
+                }
             }
         }
         Err(why) => {
-            *streak = (*streak).min(0) - 1;
-            if -*streak >= i64::from(check.unhealthy_after) && replica.set_active(false) {
+            streak.n = streak.n.min(0) - 1;
+            if -streak.n >= i64::from(check.unhealthy_after) && replica.set_active(false) {
                 tracing::warn!(replica = %replica.addr, reason = %why, "replica unhealthy: no more traffic");
             } else {
                 tracing::debug!(replica = %replica.addr, reason = %why, "health check failed");
@@ -77,7 +101,7 @@ pub async fn check_loop(backend: Arc<Backend>, stop: CancellationToken) {
     let Some(check) = backend.policy.health.clone() else {
         return;
     };
-    let mut streaks: HashMap<SocketAddr, i64> = HashMap::new();
+    let mut streaks: HashMap<SocketAddr, Streak> = HashMap::new();
     let mut tick = tokio::time::interval(check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -95,7 +119,7 @@ pub async fn check_loop(backend: Arc<Backend>, stop: CancellationToken) {
         .await;
         streaks.retain(|a, _| members.replicas.iter().any(|r| r.addr == *a));
         for (replica, result) in members.replicas.iter().zip(results) {
-            let streak = streaks.entry(replica.addr).or_insert(0);
+            let streak = streaks.entry(replica.addr).or_default();
             record(replica, streak, result, &check);
         }
     }
