@@ -4,7 +4,7 @@
 One command, standard library only:
 
     python3 benches/run.py [--quick] [--scenarios 1,3,5] [--rounds 3] [--duration 10]
-                           [--workers 1|2|1,2] [--out benches/results]
+                           [--workers 1|2|1,2] [--out benches/results] [--loadgen]
 
 See benches/README.md for what each scenario means and how the figures are computed.
 """
@@ -22,6 +22,7 @@ import platform
 import re
 import resource
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -1055,6 +1056,398 @@ def describe(rec: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Load generators compared (--loadgen): wrk against `gangway load`, scenario 1's setup
+
+LOADGEN_GENS = ["wrk", "gangway load"]
+LOADGEN_TARGETS = ["gangway", "direct"]
+LOADGEN_SHARE = 0.9  # gangway load should reach this share of wrk's req/s through gangway
+
+
+_IRQ_APART: list = []
+
+
+def irq_time_apart() -> bool:
+    """Whether the kernel keeps interrupt time out of the processes' utime+stime
+    (CONFIG_IRQ_TIME_ACCOUNTING=y). Without it (tick accounting), a tick that lands in an
+    interrupt or softirq is charged to the running process's stime and also shows in the
+    irq/softirq columns of /proc/stat, so subtracting both would count it twice. When the
+    kernel config cannot be read, assume apart (as the scenarios' `foreign` figure does)."""
+    if not _IRQ_APART:
+        text = ""
+        with contextlib.suppress(OSError, EOFError):
+            import gzip
+            with gzip.open("/proc/config.gz", "rt") as f:
+                text = f.read()
+        if not text:
+            with contextlib.suppress(OSError):
+                text = Path(f"/boot/config-{platform.release()}").read_text()
+        _IRQ_APART.append("# CONFIG_IRQ_TIME_ACCOUNTING is not set" not in text)
+    return _IRQ_APART[0]
+
+
+def pid_cpu_seconds(pid: int) -> float | None:
+    """utime+stime of one process (all its threads), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def run_tool_cpu(procs: Procs, argv: list[str], cpus: str, timeout: float, log_path: Path
+                 ) -> tuple[str, dict]:
+    """Like run_tool, and also measures the tool's own CPU time: utime+stime from
+    /proc/<pid>/stat right after the start and again once it has exited but before it is
+    reaped (waitid with WNOWAIT leaves the zombie, whose /proc entry still has the totals
+    of all its threads). wait4's rusage is kept as a cross-check (microsecond resolution)."""
+    out_path = log_path.with_suffix(".out")
+    with open(out_path, "wb") as out:
+        # taskset execs the tool: the pid is the tool's.
+        p = subprocess.Popen(["taskset", "-c", cpus, *argv], stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                             preexec_fn=raise_nofile)
+    procs.live.append(p)
+    try:
+        cpu0 = pid_cpu_seconds(p.pid) or 0.0
+        deadline = time.monotonic() + timeout
+        while os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]} did not finish within {timeout:.0f} s")
+            time.sleep(0.05)
+        cpu1 = pid_cpu_seconds(p.pid)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    except BaseException:
+        procs.stop(p)
+        raise
+    finally:
+        if p in procs.live:
+            procs.live.remove(p)
+    text = out_path.read_text(errors="replace")
+    if p.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited with status {p.returncode}: {text[-600:]}")
+    cpu = {"loadgen_cpu_s": round(cpu1 - cpu0, 3) if cpu1 is not None else None,
+           "loadgen_cpu_s_rusage": round(ru.ru_utime + ru.ru_stime, 3)}
+    return text, cpu
+
+
+def parse_gangway_load(text: str) -> dict:
+    """`gangway load --json`'s report (stdout; stderr is in the same file, hence the
+    search for the outer braces)."""
+    start, end = text.find("{"), text.rfind("}")
+    try:
+        doc = json.loads(text[start:end + 1]) if 0 <= start < end else None
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or "requests" not in doc:
+        raise RuntimeError(f"cannot read gangway load output: {text[-400:]}")
+    lat = doc.get("latency_ms") or {}
+    # As wrk: a status outside 2xx/3xx is an error.
+    bad = sum(v for k, v in (doc.get("statuses") or {}).items() if not 200 <= int(k) < 400)
+    r = {"requests": doc["requests"], "rps": doc.get("requests_per_second"),
+         "p50_ms": lat.get("p50"), "p99_ms": lat.get("p99"),
+         "errors": (doc.get("errors") or 0) + bad}
+    if bad:
+        r["non_2xx"] = bad
+    if doc.get("error_kinds"):
+        r["error_kinds"] = doc["error_kinds"]
+    return r
+
+
+def loadgen_argv(env: Env, gen: str, url: str, seconds: float) -> list[str]:
+    scen = SCENARIOS[1]
+    if gen == "wrk":
+        return load_argv(scen, url, max(1, len(env.load_cpu_list)), seconds, None)
+    # tokio sizes its pool by the CPUs taskset allows: one thread per load CPU, as wrk -t.
+    return [str(env.gangway_bin), "load", url, "-c", str(scen.conns),
+            "-d", f"{max(1, round(seconds))}s", "--admin", "off", "--json"]
+
+
+def measure_loadgen(env: Env, gen: str, target: str, proc, port: int, run_dir: Path) -> dict:
+    args = env.args
+    url = f"http://127.0.0.1:{port}{SCENARIOS[1].path}"
+    tag = gen.replace(" ", "-")
+    bound = args.duration + 30
+    if args.warmup > 0:
+        run_tool(env.procs, loadgen_argv(env, gen, url, args.warmup), env.load_cpus, bound,
+                 run_dir / f"{tag}-warmup")
+    direct = target == "direct"
+    cpu0 = group_cpu_seconds(proc.pid)
+    bcpu0 = group_cpu_seconds(env.backend_proc.pid)
+    cores0 = cpu_times()
+    t0 = time.monotonic()
+    text, cpu = run_tool_cpu(env.procs, loadgen_argv(env, gen, url, args.duration),
+                             env.load_cpus, bound, run_dir / f"{tag}-load")
+    wall = time.monotonic() - t0
+    cores1 = cpu_times()
+    cpu1 = group_cpu_seconds(proc.pid)
+    bcpu1 = group_cpu_seconds(env.backend_proc.pid)
+    r = parse_wrk(text) if gen == "wrk" else parse_gangway_load(text)
+    r.update(cpu)
+    reqs = r.get("requests") or 0
+    r["wall_s"] = round(wall, 2)
+    lg = r.get("loadgen_cpu_s")
+    if lg is not None and wall > 0:
+        # How much of the load CPUs the generator itself took (the backends share them).
+        r["loadgen_core_pct"] = round(100.0 * lg / wall / max(1, len(env.load_cpu_list)), 1)
+    else:
+        r["loadgen_core_pct"] = None
+    if reqs > 0:
+        if lg is not None:
+            r["loadgen_cpu_us_per_req"] = round(lg * 1e6 / reqs, 2)
+        if not direct:
+            r["proxy_cpu_s"] = round(cpu1 - cpu0, 3)
+            r["cpu_us_per_req"] = round((cpu1 - cpu0) * 1e6 / reqs, 2)
+        r["backend_cpu_us_per_req"] = round((bcpu1 - bcpu0) * 1e6 / reqs, 2)
+    r["load_core_busy_pct"] = busy_percent(cores0, cores1, env.load_cpu_list)
+    # Interrupt time counts on top of the processes' own only where the kernel keeps it
+    # apart (see irq_time_apart).
+    apart = irq_time_apart()
+    nload = max(1, len(env.load_cpu_list))
+    if r["load_core_busy_pct"] is not None and lg is not None and wall > 0 \
+            and env.proxy_cpus != env.load_cpus:
+        # What kept the load core busy: the generator, the backends, interrupts (loopback
+        # TCP of both), and the rest, i.e. other programs on the machine.
+        r["backend_core_pct"] = round(100.0 * (bcpu1 - bcpu0) / wall / nload, 1)
+        irq = busy_percent(cores0, cores1, env.load_cpu_list, column=2) or 0.0
+        r["load_core_irq_pct"] = irq
+        r["foreign_on_load_core_pct"] = round(max(
+            0.0, r["load_core_busy_pct"] - r["loadgen_core_pct"] - r["backend_core_pct"]
+            - (irq if apart else 0.0)), 1)
+    if not direct:
+        busy = r["proxy_core_busy_pct"] = busy_percent(cores0, cores1, env.proxy_cpu_list)
+        if busy is not None and wall > 0 and env.proxy_cpus != env.load_cpus:
+            own = 100.0 * (cpu1 - cpu0) / wall / max(1, len(env.proxy_cpu_list))
+            irq = busy_percent(cores0, cores1, env.proxy_cpu_list, column=2) or 0.0
+            r["proxy_core_irq_pct"] = irq
+            # The proxy core's busy time that was gangway's (its CPU time, plus interrupts
+            # where they are not in it): near 100 % means gangway was saturated.
+            r["proxy_core_gangway_pct"] = round(min(busy, own + (irq if apart else 0.0)), 1)
+            r["foreign_on_proxy_core_pct"] = round(busy - r["proxy_core_gangway_pct"], 1)
+    r["raw_output"] = text[-3000:]
+    if reqs == 0:
+        r["ok"] = False
+        r["error"] = "no request completed"
+    elif r.get("errors", 0) > 0.01 * reqs:
+        r["ok"] = False
+        r["error"] = f"{r['errors']} errors out of {reqs} requests"
+    return r
+
+
+def one_loadgen_run(env: Env, gen: str, target: str, workers: int, rnd: int) -> dict:
+    env.counter += 1
+    tag = gen.replace(" ", "-")
+    run_dir = env.tmp / "runs" / f"{env.counter:03d}-w{workers}-loadgen-r{rnd}-{tag}-{target}"
+    run_dir.mkdir(parents=True)
+    rec: dict = {"round": rnd, "scenario": "loadgen", "target": target, "generator": gen,
+                 "workers": workers, "ok": True}
+    proc = None
+    try:
+        if target == "direct":
+            proc = env.backend_proc
+            rec.update(measure_loadgen(env, gen, target, proc, env.backends[0], run_dir))
+        else:
+            # A fresh gangway per measurement, as in the scenarios: same config as scenario 1.
+            proc, c = start_proxy(env, "gangway", SCENARIOS[1], workers, run_dir)
+            rec.update(sanity_check(c.port, False))
+            rec.update(measure_loadgen(env, gen, target, proc, c.port, run_dir))
+            if proc.poll() is not None:
+                raise RuntimeError(f"gangway exited with status {proc.returncode} during the run")
+    except Exception as e:  # noqa: BLE001 - a failed run is a result, not a crash
+        rec["ok"] = False
+        rec["error"] = str(e).strip()
+        logf = run_dir / "gangway.log"
+        if logf.exists():
+            rec["log_tail"] = tail(logf)
+    finally:
+        if proc is not None and target != "direct":
+            env.procs.stop(proc)
+    if not rec["ok"]:
+        dest = Path(env.args.out) / "failed-runs" / run_dir.name
+        shutil.copytree(run_dir, dest, dirs_exist_ok=True)
+        rec["files"] = str(dest)
+    return rec
+
+
+def loadgen_round(env: Env, workers: int, rnd: int) -> list[dict]:
+    """Both generators against gangway, then both straight at a backend. Their order
+    alternates from round to round, so that a drift of the machine favours neither."""
+    gens = LOADGEN_GENS if rnd % 2 else LOADGEN_GENS[::-1]
+    recs = []
+    for target in LOADGEN_TARGETS:
+        for gen in gens:
+            log(f"w{workers} round {rnd}/{env.args.rounds} load generators: {gen} -> "
+                f"{'no proxy' if target == 'direct' else target} ...")
+            rec = one_loadgen_run(env, gen, target, workers, rnd)
+            recs.append(rec)
+            log(f"    {gen}: {describe_loadgen(rec)}")
+    return recs
+
+
+def describe_loadgen(rec: dict) -> str:
+    if not rec["ok"]:
+        return f"FAILED: {rec.get('error', '?').splitlines()[0][:160]}"
+    text = (f"{rec.get('rps', 0):,.0f} req/s, p50 {rec.get('p50_ms')} ms, "
+            f"p99 {rec.get('p99_ms')} ms, generator CPU {rec.get('loadgen_cpu_us_per_req')} "
+            f"us/req ({rec.get('loadgen_core_pct')} % of the load core)")
+    if rec["target"] != "direct":
+        text += (f", gangway CPU {rec.get('cpu_us_per_req')} us/req, proxy core "
+                 f"{rec.get('proxy_core_gangway_pct')} % gangway")
+    return text
+
+
+LOADGEN_METRICS = ["rps", "p50_ms", "p99_ms", "loadgen_cpu_us_per_req", "loadgen_core_pct",
+                   "cpu_us_per_req", "backend_cpu_us_per_req", "proxy_core_busy_pct",
+                   "proxy_core_gangway_pct", "foreign_on_proxy_core_pct", "load_core_busy_pct",
+                   "backend_core_pct", "load_core_irq_pct", "foreign_on_load_core_pct",
+                   "errors"]
+
+
+def loadgen_summary(lg_runs: list[dict]) -> dict:
+    """Medians per (target, generator); gangway load ÷ wrk within each round; the verdict."""
+    rows = []
+    for target in LOADGEN_TARGETS:
+        for gen in LOADGEN_GENS:
+            rs = [r for r in lg_runs if r["target"] == target and r["generator"] == gen]
+            if not rs:
+                continue
+            ok = [r for r in rs if r["ok"]]
+            row = {"workers": rs[0]["workers"], "target": target, "generator": gen,
+                   "runs": len(rs), "runs_ok": len(ok)}
+            for m in LOADGEN_METRICS:
+                row[m] = median([r.get(m) for r in ok])
+            row["errors_seen"] = sorted({r.get("error", "").splitlines()[0][:200]
+                                         for r in rs if not r["ok"]})
+            rows.append(row)
+    rats = []
+    for target in LOADGEN_TARGETS:
+        per: dict = {}
+        for r in lg_runs:
+            if r["target"] == target and r["ok"]:
+                per.setdefault(r["round"], {})[r["generator"]] = r
+        both = [rr for rr in per.values() if all(g in rr for g in LOADGEN_GENS)]
+        row = {"target": target, "a": "gangway load", "b": "wrk", "rounds": len(both)}
+        for m in ("rps", "loadgen_cpu_us_per_req", "p50_ms", "p99_ms", "cpu_us_per_req"):
+            vals = [rr["gangway load"][m] / rr["wrk"][m] for rr in both
+                    if rr["gangway load"].get(m) and rr["wrk"].get(m)]
+            row[m] = round(median(vals), 3) if vals else None
+        if any(rr for rr in per.values()):
+            rats.append(row)
+    return {"summary": rows, "ratios": rats, "threshold": LOADGEN_SHARE,
+            "verdict": loadgen_verdict(rows, rats)}
+
+
+def loadgen_verdict(rows: list[dict], rats: list[dict]) -> str:
+    thr = f"{LOADGEN_SHARE * 100:.0f} %"
+    via = next((r for r in rats if r["target"] == "gangway"), None)
+    if not via or via.get("rps") is None:
+        return ("no verdict: wrk and gangway load did not both succeed against gangway in the "
+                "same round")
+    w = next((r for r in rows if r["target"] == "gangway" and r["generator"] == "wrk"), {})
+    g = next((r for r in rows if r["target"] == "gangway" and r["generator"] == "gangway load"),
+             {})
+    # gangway saturated under gangway load: gangway, not the generator, set the pace.
+    saturated = (g.get("proxy_core_gangway_pct") or 0) >= 90
+    n = via["rounds"]
+    text = (f"through gangway, gangway load reached {via['rps'] * 100:.0f} % of wrk's req/s "
+            f"(median of {n} per-round ratio{'s' if n != 1 else ''}; threshold {thr}): ")
+    if via["rps"] >= LOADGEN_SHARE:
+        text += "it is not the bottleneck compared with wrk."
+    elif saturated:
+        text += (f"below the threshold, although gangway used {g['proxy_core_gangway_pct']:.0f} "
+                 "% of its core under it: the shortfall is gangway's own CPU per request "
+                 f"({fmt(g.get('cpu_us_per_req'))} µs under gangway load, "
+                 f"{fmt(w.get('cpu_us_per_req'))} under wrk), not the generator's speed; rerun "
+                 "to see whether it persists.")
+    else:
+        text += ("it IS the bottleneck: it drives gangway less hard than wrk does, so use wrk "
+                 "to measure gangway's capacity.")
+    if via.get("loadgen_cpu_us_per_req"):
+        text += (f" Per request it costs {via['loadgen_cpu_us_per_req']:.2f}× wrk's CPU "
+                 "(the load core is shared with the backends, so a costlier generator leaves "
+                 "less for them).")
+    if saturated and via["rps"] >= LOADGEN_SHARE:
+        text += (f" Under gangway load gangway used {g['proxy_core_gangway_pct']:.0f} % of its "
+                 f"core (under wrk {fmt(w.get('proxy_core_gangway_pct'), 0)} %): it was "
+                 "saturated, so it set the pace, not the generator.")
+    elif not saturated and w.get("proxy_core_gangway_pct") is not None \
+            and w["proxy_core_gangway_pct"] < 90:
+        irq = (f"interrupts {fmt(w.get('load_core_irq_pct'), 0)} %, " if irq_time_apart()
+               else "")
+        text += (f" Even with wrk gangway used only {w['proxy_core_gangway_pct']:.0f} % of its "
+                 "core, so neither generator saturated gangway here: the load core was the "
+                 f"limit ({fmt(w.get('load_core_busy_pct'), 0)} % busy: wrk "
+                 f"{fmt(w.get('loadgen_core_pct'), 0)} %, backends "
+                 f"{fmt(w.get('backend_core_pct'), 0)} %, {irq}other programs "
+                 f"{fmt(w.get('foreign_on_load_core_pct'), 0)} %).")
+    direct = next((r for r in rats if r["target"] == "direct"), None)
+    if direct and direct.get("rps") is not None:
+        text += (" With no proxy (generator and backend on one core) gangway load reached "
+                 f"{direct['rps'] * 100:.0f} % of wrk's req/s"
+                 + (f", at {direct['loadgen_cpu_us_per_req']:.2f}× its CPU per request"
+                    if direct.get("loadgen_cpu_us_per_req") else "") + ".")
+    if any((r.get("foreign_on_proxy_core_pct") or 0) > 15
+           or (r.get("foreign_on_load_core_pct") or 0) > 15 for r in rows):
+        text += " Other programs took a large share of the CPUs: rerun on a quiet machine."
+    return text
+
+
+def loadgen_markdown(meta: dict, lg: dict) -> list[str]:
+    L = ["## Load generators: wrk against `gangway load`\n"]
+    pin = meta["pinning"].get(str(meta.get("loadgen_workers")), {})
+    L.append(f"Scenario 1's setup (plain HTTP/1.1 keep-alive, 12 B, 50 connections): gangway "
+             f"({meta.get('loadgen_workers')} worker, CPU {pin.get('proxy', '?')}, started "
+             f"fresh for each measurement) in front of the three backends, or no proxy "
+             f"(one backend); generator and backends on CPU {pin.get('load', '?')}. "
+             f"`{' '.join(meta.get('loadgen_commands', {}).get('wrk', []))}` and "
+             f"`{' '.join(meta.get('loadgen_commands', {}).get('gangway load', []))}`, "
+             "their order alternating from round to round. **Generator CPU µs/req** = the "
+             "generator process's utime+stime (all threads, from /proc) ÷ requests: the lower, "
+             "the cheaper the generator. **gen. % of load core** = its CPU time ÷ wall time. "
+             "**gangway % of its core** = gangway's CPU time ÷ wall time"
+             + (" plus the core's interrupt time" if meta.get("irq_time_apart") else
+                " (interrupt time included: this kernel charges it to the running process)")
+             + "; near 100 % = gangway saturated. Medians.\n")
+    L.append("| target | generator | req/s | p50 ms | p99 ms | generator CPU µs/req "
+             "| gen. % of load core | gangway CPU µs/req | gangway % of its core "
+             "| load core busy % | runs ok | notes |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in lg["summary"]:
+        notes = []
+        if (r.get("foreign_on_proxy_core_pct") or 0) > 15:
+            notes.append(f"noisy: {r['foreign_on_proxy_core_pct']:.0f} % of the proxy core "
+                         "used by others")
+        if (r.get("foreign_on_load_core_pct") or 0) > 15:
+            notes.append(f"noisy: {r['foreign_on_load_core_pct']:.0f} % of the load core "
+                         "used by others")
+        if r.get("errors"):
+            notes.append(f"errors {fmt(r['errors'], 0)}")
+        notes += [f"FAILED: {e}" for e in r["errors_seen"]]
+        L.append(f"| {'no proxy' if r['target'] == 'direct' else r['target']} "
+                 f"| {r['generator']} | {fmt(r['rps'], thousands=True)} "
+                 f"| {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} "
+                 f"| {fmt(r['loadgen_cpu_us_per_req'], 2)} | {fmt(r['loadgen_core_pct'], 0)} "
+                 f"| {fmt(r['cpu_us_per_req'])} | {fmt(r['proxy_core_gangway_pct'], 0)} "
+                 f"| {fmt(r['load_core_busy_pct'], 0)} | {r['runs_ok']}/{r['runs']} "
+                 f"| {'; '.join(notes)} |")
+    if lg["ratios"]:
+        L.append("")
+        L.append("gangway load ÷ wrk (same round, median of per-round ratios; req/s > 1 and "
+                 "the others < 1 favour gangway load):\n")
+        L.append("| target | req/s | generator CPU/req | p50 | p99 | gangway CPU/req | rounds |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in lg["ratios"]:
+            L.append(f"| {'no proxy' if r['target'] == 'direct' else r['target']} "
+                     f"| {fmt(r['rps'], 2)} | {fmt(r['loadgen_cpu_us_per_req'], 2)} "
+                     f"| {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} "
+                     f"| {fmt(r['cpu_us_per_req'], 2)} | {r['rounds']} |")
+    L.append("")
+    L.append(f"**Verdict**: {lg['verdict']}\n")
+    return L
+
+
+# --------------------------------------------------------------------------------------
 # Summaries, Markdown, JSON, plot
 
 METRICS = ["rps", "p50_ms", "p99_ms", "cpu_us_per_req", "backend_cpu_us_per_req",
@@ -1164,7 +1557,7 @@ def versions(tools: dict, gangway_bin: Path | None) -> dict:
 
 
 def write_markdown(path: Path, meta: dict, summary: list[dict], rat: list[dict],
-                   best: list[dict]) -> None:
+                   best: list[dict], lg: dict | None = None) -> None:
     L = []
     mi = meta["machine"]
     L.append("# gangway side-by-side benchmark\n")
@@ -1261,6 +1654,8 @@ def write_markdown(path: Path, meta: dict, summary: list[dict], rat: list[dict],
                          f"| {fmt(r['peak_rss_mib'], 2)} | {fmt(r['rss_mib'], 2)} "
                          f"| {fmt(b.get('ratio'), 2)} | {r['rounds']} |")
         L.append("")
+    if lg:
+        L += loadgen_markdown(meta, lg)
     if meta.get("plot"):
         L.append(f"![requests/s and p99 per scenario]({meta['plot']})\n")
     path.write_text("\n".join(L) + "\n")
@@ -1391,9 +1786,13 @@ def plot(path: Path, summary: list[dict], order: list[str]) -> bool:
     return True
 
 
-def write_outputs(env_args, meta: dict, runs: list[dict]) -> None:
+def write_outputs(env_args, meta: dict, runs: list[dict], lg_runs: list[dict] | None = None
+                  ) -> dict | None:
+    """Writes the files; returns the load-generator summary (None without --loadgen)."""
     out = Path(env_args.out)
     out.mkdir(parents=True, exist_ok=True)
+    lg_runs = lg_runs or []
+    lg = loadgen_summary(lg_runs) if lg_runs else None
     summary = summarize(runs)
     rat = ratios(runs, "gangway", "nginx")
     best = best_ratio(summary)
@@ -1407,16 +1806,23 @@ def write_outputs(env_args, meta: dict, runs: list[dict]) -> None:
         else:
             log("matplotlib is not available: no plot (pip install matplotlib to get one)")
     slim_runs = [{k: v for k, v in r.items() if k != "raw_output"} for r in runs]
-    (out / "results.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary, "ratio_gangway_nginx": rat,
-         "gangway_cpu_vs_best_of_nginx_haproxy": best, "runs": slim_runs}, indent=2))
+    doc = {"meta": meta, "summary": summary, "ratio_gangway_nginx": rat,
+           "gangway_cpu_vs_best_of_nginx_haproxy": best, "runs": slim_runs}
+    if lg is not None:
+        doc["load_generators"] = dict(
+            lg, runs=[{k: v for k, v in r.items() if k != "raw_output"} for r in lg_runs])
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
     # Raw tool outputs, for anyone who doubts a number.
     (out / "raw-outputs.json").write_text(json.dumps(
         [{"round": r["round"], "scenario": r["scenario"], "proxy": r["proxy"],
-          "workers": r["workers"], "output": r.get("raw_output")} for r in runs], indent=1))
-    write_markdown(out / "results.md", meta, summary, rat, best)
+          "workers": r["workers"], "output": r.get("raw_output")} for r in runs]
+        + [{"round": r["round"], "scenario": "loadgen", "target": r["target"],
+            "generator": r["generator"], "workers": r["workers"],
+            "output": r.get("raw_output")} for r in lg_runs], indent=1))
+    write_markdown(out / "results.md", meta, summary, rat, best, lg)
     log(f"wrote {out / 'results.md'}, {out / 'results.json'}"
         + (f", {out / 'results.png'}" if meta.get("plot") else ""))
+    return lg
 
 
 # --------------------------------------------------------------------------------------
@@ -1480,6 +1886,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-pip", action="store_true", help="do not pip install matplotlib")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    ap.add_argument("--loadgen", action="store_true",
+                    help="also compare the load generators: wrk against `gangway load`, in "
+                    "scenario 1's setup, through gangway and straight at a backend")
     a = ap.parse_args(argv)
     a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
     a.duration = a.duration if a.duration is not None else (3.0 if a.quick else 10.0)
@@ -1544,9 +1953,11 @@ def main(argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gangway-bench-"))
     procs = Procs()
     runs: list[dict] = []
+    lg_runs: list[dict] = []
     meta: dict = {
+        "irq_time_apart": irq_time_apart(),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "python3 benches/run.py " + " ".join(argv),
+        "command": "python3 benches/run.py " + shlex.join(argv),
         "machine": machine_info(),
         "rounds": args.rounds, "duration": args.duration, "warmup": args.warmup,
         "proxies": proxies, "order": proxies + ["direct"], "scenarios": scenario_ids,
@@ -1558,7 +1969,7 @@ def main(argv: list[str]) -> int:
     env = None
     try:
         env = Env(args, tmp, procs, tools, "", "", [], [])
-        if "gangway" in proxies:
+        if "gangway" in proxies or args.loadgen:  # --loadgen runs `gangway load` too
             if args.gangway_bin:
                 env.gangway_bin = Path(args.gangway_bin).resolve()
                 if not os.access(env.gangway_bin, os.X_OK):
@@ -1571,7 +1982,19 @@ def main(argv: list[str]) -> int:
                 except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
                     log(f"skipping gangway: {e}")
                     skipped.append(f"gangway ({e})")
-                    proxies.remove("gangway")
+                    if "gangway" in proxies:
+                        proxies.remove("gangway")
+        if args.loadgen:
+            if env.gangway_bin is None:
+                skipped.append("load generators (no gangway binary)")
+                log("skipping --loadgen: no gangway binary")
+            else:
+                meta["loadgen_workers"] = args.worker_list[0]
+                meta["loadgen_commands"] = {
+                    "wrk": load_argv(SCENARIOS[1], "URL", 1, args.duration, None),
+                    "gangway load": ["gangway", "load", "URL", "-c", str(SCENARIOS[1].conns),
+                                     "-d", f"{max(1, round(args.duration))}s", "--admin",
+                                     "off", "--json"]}
         meta["versions"] = versions(tools, env.gangway_bin)
         make_cert(env)
         for workers in args.worker_list:
@@ -1595,6 +2018,8 @@ def main(argv: list[str]) -> int:
                         rec = one_run(env, name, scen, workers, rnd)
                         runs.append(rec)
                         log(f"    {name}: {describe(rec)}")
+                if args.loadgen and env.gangway_bin and workers == args.worker_list[0]:
+                    lg_runs += loadgen_round(env, workers, rnd)
             procs.stop(env.backend_proc)
             env.backend_proc = None
     except KeyboardInterrupt:
@@ -1609,8 +2034,10 @@ def main(argv: list[str]) -> int:
         if "versions" not in meta:
             meta["versions"] = {}
         try:
-            if runs:
-                write_outputs(args, meta, runs)
+            if runs or lg_runs:
+                lg = write_outputs(args, meta, runs, lg_runs)
+                if lg is not None:
+                    print("\n".join(loadgen_markdown(meta, lg)), flush=True)
         finally:
             if args.keep_tmp:
                 log(f"configs and logs kept in {tmp}")
