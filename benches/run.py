@@ -1025,20 +1025,27 @@ def one_run(env: Env, name: str, scen: Scenario, workers: int, rnd: int) -> dict
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with status {proc.returncode} during the run")
     except Exception as e:  # noqa: BLE001 - a failed run is a result, not a crash
-        rec["ok"] = False
-        rec["error"] = str(e).strip()
-        logf = run_dir / f"{name}.log"
-        if logf.exists():
-            rec["log_tail"] = tail(logf)
+        record_failure(rec, e, run_dir / f"{name}.log")
     finally:
         if proc is not None and name != "direct":
             env.procs.stop(proc)
+    keep_failed_run(env, rec, run_dir)
+    return rec
+
+
+def record_failure(rec: dict, error: Exception, logf: Path) -> None:
+    rec["ok"] = False
+    rec["error"] = str(error).strip()
+    if logf.exists():
+        rec["log_tail"] = tail(logf)
+
+
+def keep_failed_run(env: "Env", rec: dict, run_dir: Path) -> None:
+    """Copies a failed run's files (config, logs, tool output) next to the results."""
     if not rec["ok"]:
-        # Keep the evidence next to the results.
         dest = Path(env.args.out) / "failed-runs" / run_dir.name
         shutil.copytree(run_dir, dest, dirs_exist_ok=True)
         rec["files"] = str(dest)
-    return rec
 
 
 def describe(rec: dict) -> str:
@@ -1255,18 +1262,11 @@ def one_loadgen_run(env: Env, gen: str, target: str, workers: int, rnd: int) -> 
             if proc.poll() is not None:
                 raise RuntimeError(f"gangway exited with status {proc.returncode} during the run")
     except Exception as e:  # noqa: BLE001 - a failed run is a result, not a crash
-        rec["ok"] = False
-        rec["error"] = str(e).strip()
-        logf = run_dir / "gangway.log"
-        if logf.exists():
-            rec["log_tail"] = tail(logf)
+        record_failure(rec, e, run_dir / "gangway.log")
     finally:
         if proc is not None and target != "direct":
             env.procs.stop(proc)
-    if not rec["ok"]:
-        dest = Path(env.args.out) / "failed-runs" / run_dir.name
-        shutil.copytree(run_dir, dest, dirs_exist_ok=True)
-        rec["files"] = str(dest)
+    keep_failed_run(env, rec, run_dir)
     return rec
 
 

@@ -19,19 +19,26 @@ async fn websocket_echoes_through_round_robin_replicas() {
             .expect("websocket handshake");
         assert_eq!(resp.status(), 101);
         for j in 0..3 {
-            let text = format!("hello {i}.{j}");
-            ws.send(Message::text(text.clone())).await.unwrap();
-            let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
-                .await
-                .expect("echo in time")
-                .expect("stream open")
-                .expect("frame");
-            assert_eq!(echo.into_text().unwrap().as_str(), text);
+            assert_echoes(&mut ws, &format!("hello {i}.{j}")).await;
         }
         ws.close(None).await.unwrap();
     }
     assert_eq!((a.hits(), b.hits()), (2, 2));
     assert_eq!(a.last().headers.get("upgrade").unwrap(), "websocket");
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends `text` and expects it back within 5 s.
+async fn assert_echoes(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text.to_owned())).await.unwrap();
+    let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time")
+        .expect("stream open")
+        .expect("frame");
+    assert_eq!(echo.into_text().unwrap().as_str(), text);
 }
 
 /// Peak resident memory of this test process, in bytes.
@@ -279,13 +286,6 @@ async fn a_quiet_websocket_is_not_parked() {
         .expect("websocket handshake");
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let text = format!("after a pause {i}");
-        ws.send(Message::text(text.clone())).await.unwrap();
-        let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("echo in time")
-            .expect("stream open")
-            .expect("frame");
-        assert_eq!(echo.into_text().unwrap().as_str(), text);
+        assert_echoes(&mut ws, &format!("after a pause {i}")).await;
     }
 }
