@@ -933,13 +933,14 @@ def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: 
             and env.proxy_cpus != env.load_cpus:
         # Busy time on the proxy's cores that was not the proxy's: other programs on the
         # machine (a build, another benchmark) or interrupts. Over ~15 % the run is suspect.
-        # Interrupt and softirq time (much of it the proxy's own loopback traffic, which
-        # /proc/<pid>/stat does not charge to it) is reported apart and not counted.
+        # Interrupt and softirq time (much of it the proxy's own loopback traffic) is
+        # reported apart; it is taken out only where the kernel keeps it out of the
+        # proxy's own utime+stime, else it would be subtracted twice (irq_time_apart).
         own = 100.0 * (cpu1 - cpu0) / wall / max(1, len(env.proxy_cpu_list))
         irq = busy_percent(cores0, cores1, env.proxy_cpu_list, column=2) or 0.0
         r["proxy_core_irq_pct"] = irq
         r["foreign_on_proxy_core_pct"] = round(
-            max(0.0, r["proxy_core_busy_pct"] - irq - own), 1)
+            max(0.0, r["proxy_core_busy_pct"] - (irq if irq_time_apart() else 0.0) - own), 1)
     rss, hwm, nproc = group_memory_kib(pgid)
     prefix = "backend_" if direct else ""  # the direct baseline has no proxy to weigh
     r[prefix + "rss_mib"] = round(rss / 1024, 1)
