@@ -1415,16 +1415,7 @@ def loadgen_markdown(meta: dict, lg: dict) -> list[str]:
              "| load core busy % | runs ok | notes |")
     L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in lg["summary"]:
-        notes = []
-        if (r.get("foreign_on_proxy_core_pct") or 0) > 15:
-            notes.append(f"noisy: {r['foreign_on_proxy_core_pct']:.0f} % of the proxy core "
-                         "used by others")
-        if (r.get("foreign_on_load_core_pct") or 0) > 15:
-            notes.append(f"noisy: {r['foreign_on_load_core_pct']:.0f} % of the load core "
-                         "used by others")
-        if r.get("errors"):
-            notes.append(f"errors {fmt(r['errors'], 0)}")
-        notes += [f"FAILED: {e}" for e in r["errors_seen"]]
+        notes = run_notes(r)
         L.append(f"| {'no proxy' if r['target'] == 'direct' else r['target']} "
                  f"| {r['generator']} | {fmt(r['rps'], thousands=True)} "
                  f"| {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} "
@@ -1495,6 +1486,19 @@ def ratios(runs: list[dict], a: str, b: str) -> list[dict]:
         row["rounds"] = sum(1 for rr in per.values() if a in rr and b in rr)
         out.append(row)
     return out
+
+
+def run_notes(r: dict) -> list[str]:
+    """The notes column of a summary row: cores other programs used, errors, failures."""
+    notes = []
+    for core in ("proxy", "load"):
+        busy = r.get(f"foreign_on_{core}_core_pct") or 0
+        if busy > 15:
+            notes.append(f"noisy: {busy:.0f} % of the {core} core used by others")
+    if r.get("errors"):
+        notes.append(f"errors {fmt(r['errors'], 0)}")
+    notes += [f"FAILED: {e}" for e in r["errors_seen"]]
+    return notes
 
 
 def fmt(v, digits=1, thousands=False) -> str:
@@ -1613,12 +1617,7 @@ def write_markdown(path: Path, meta: dict, summary: list[dict], rat: list[dict],
                                  "µs/req")
                 if r.get("cipher"):
                     notes.append(r["cipher"])
-                if (r.get("foreign_on_proxy_core_pct") or 0) > 15:
-                    notes.append(f"noisy: {r['foreign_on_proxy_core_pct']:.0f} % of the proxy "
-                                 "core used by others")
-                if r.get("errors"):
-                    notes.append(f"errors {fmt(r['errors'], 0)}")
-                notes += [f"FAILED: {e}" for e in r["errors_seen"]]
+                notes += run_notes(r)
                 L.append(f"| {SCENARIOS[s].short} | {r['proxy']} | {fmt(r['rps'], thousands=True)}"
                          f" | {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} "
                          f"| {fmt(r['cpu_us_per_req'])} | {fmt(r['peak_rss_mib'])} "

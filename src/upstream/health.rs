@@ -124,3 +124,48 @@ pub async fn check_loop(backend: Arc<Backend>, stop: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Passive;
+    use std::time::Duration;
+
+    fn check() -> HealthCheck {
+        HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(300),
+            healthy_after: 2,
+            unhealthy_after: 1,
+            expect: (200, 399),
+        }
+    }
+
+    #[test]
+    fn a_passively_ejected_replica_returns_after_healthy_after_passes() {
+        let check = check();
+        let replica = Replica::new("127.0.0.1:1".parse().unwrap(), true);
+        let mut streak = Streak::default();
+        for _ in 0..3 {
+            record(&replica, &mut streak, Ok(()), &check);
+        }
+        assert!(replica.eligible(crate::upstream::now_ms()));
+        // Failed requests take it out (a long cooldown) while its checks never fail: the
+        // active state does not change.
+        let passive = Passive {
+            failures: 1,
+            cooldown: Duration::from_secs(600),
+        };
+        replica.report_failure(Some(&passive));
+        assert!(replica.passive_down());
+        record(&replica, &mut streak, Ok(()), &check);
+        assert!(
+            replica.passive_down(),
+            "one pass after the ejection is not enough"
+        );
+        record(&replica, &mut streak, Ok(()), &check);
+        assert!(!replica.passive_down(), "back after healthy_after passes");
+        assert!(replica.eligible(crate::upstream::now_ms()));
+    }
+}
