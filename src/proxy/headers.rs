@@ -72,7 +72,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !any {
         return;
     }
-    if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+    // `Connection: keep-alive` (or `close`) is what nearly every message carries: its tokens
+    // name no header beyond the fixed ones, which the loop below removes anyway, so the
+    // per-token hashed removals and the copy of the values are skipped.
+    let names_others = found[0]
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(connection_tokens)
+            .any(|t| {
+                !t.eq_ignore_ascii_case("close")
+                    && !fixed.iter().any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            });
+    if names_others && let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
         let (_, values) = entry.remove_entry_mult();
         let values: Vec<HeaderValue> = values.collect();
         for token in values.iter().flat_map(connection_tokens) {
@@ -218,12 +230,14 @@ pub fn set_forwarding(
         peer
     };
 
-    if !headers.contains_key(&X_FORWARDED_PORT) {
+    // From an untrusted peer none of the headers below is left, so no lookup is needed.
+    if !from_trusted || !headers.contains_key(&X_FORWARDED_PORT) {
         // The port the client connected to: explicit in Host when not the default (a
         // published 8443 mapped to gangway's 443 shows here), else the default port of a
         // trusted proxy's scheme, else our listener's port.
         let port = match host_port(fwd.host) {
             Some(p) => HeaderValue::from(p),
+            None if !from_trusted => fwd.conn.port_value.clone(),
             None => match headers.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
                 Some(b"https") => HeaderValue::from_static("443"),
                 Some(b"http") => HeaderValue::from_static("80"),
@@ -232,10 +246,10 @@ pub fn set_forwarding(
         };
         headers.insert(&X_FORWARDED_PORT, port);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    if !from_trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
     }
-    if !headers.contains_key(&X_FORWARDED_HOST) {
+    if !from_trusted || !headers.contains_key(&X_FORWARDED_HOST) {
         headers.insert(&X_FORWARDED_HOST, fwd.host.clone());
     }
     if let Some(prefix) = fwd.prefix {
@@ -576,6 +590,31 @@ mod tests {
             ("upgrade", "websocket"),
             ("proxy-connection", "keep-alive"),
             ("proxy-authorization", "Basic eA=="),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(get(&h, "x-kept"), Some("yes"));
+    }
+
+    #[test]
+    fn connection_naming_only_fixed_headers_takes_the_short_path_and_still_strips() {
+        // Only fixed names and `close`: every hop-by-hop header goes, the rest stays.
+        let mut h = map(&[
+            ("connection", "Keep-Alive, TE"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(get(&h, "x-kept"), Some("yes"));
+        // A second Connection value naming another header still has that header removed.
+        let mut h = map(&[
+            ("connection", "keep-alive"),
+            ("connection", "X-Secret"),
+            ("x-secret", "1"),
             ("x-kept", "yes"),
         ]);
         remove_hop_by_hop(&mut h, false);
