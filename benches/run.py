@@ -5,6 +5,7 @@ One command, standard library only:
 
     python3 benches/run.py [--quick] [--scenarios 1,3,5] [--rounds 3] [--duration 10]
                            [--workers 1|2|1,2] [--out benches/results] [--loadgen]
+    python3 benches/run.py --soak 600      # memory over a 10-minute steady load, only that
 
 See benches/README.md for what each scenario means and how the figures are computed.
 """
@@ -347,8 +348,10 @@ TOOLS = {  # binary: Debian package
 }
 
 
-def ensure_tools(install: bool) -> dict[str, str | None]:
-    found = {b: shutil.which(b) for b in TOOLS}
+def ensure_tools(install: bool, only: list[str] | None = None) -> dict[str, str | None]:
+    """Finds the tools (`only`: just these) and apt-get installs the missing ones."""
+    wanted = {b: pkg for b, pkg in TOOLS.items() if only is None or b in only}
+    found = {b: shutil.which(b) for b in wanted}
     missing = [b for b, p in found.items() if p is None]
     if missing and install:
         pkgs = sorted({TOOLS[b] for b in missing})
@@ -370,7 +373,7 @@ def ensure_tools(install: bool) -> dict[str, str | None]:
                     if r1.returncode != 0:
                         last = (r1.stderr.strip().splitlines() or ["?"])[-1]
                         log(f"cannot install {pkg}: {last}")
-        found = {b: shutil.which(b) for b in TOOLS}
+        found = {b: shutil.which(b) for b in wanted}
     for b, p in found.items():
         if p is None:
             log(f"not available: {b} (Debian package {TOOLS[b]})")
@@ -819,6 +822,19 @@ def build_gangway(env: Env) -> None:
     env.gangway_bin = ROOT / "target" / "release" / "gangway"
 
 
+def given_gangway_bin(args: argparse.Namespace) -> Path | None:
+    """The binary to run without building: --gangway-bin (must be executable), or with
+    --no-build an existing target/release/gangway; None means build it."""
+    if args.gangway_bin:
+        path = Path(args.gangway_bin).resolve()
+        if not os.access(path, os.X_OK):
+            raise RuntimeError(f"--gangway-bin {path} is not executable")
+        return path
+    if args.no_build and (ROOT / "target/release/gangway").exists():
+        return ROOT / "target" / "release" / "gangway"
+    return None
+
+
 def start_proxy(env: Env, name: str, scen: Scenario, workers: int, run_dir: Path
                 ) -> tuple[subprocess.Popen, RunCfg]:
     port, spare = free_ports(2)
@@ -861,8 +877,9 @@ def start_proxy(env: Env, name: str, scen: Scenario, workers: int, run_dir: Path
     return p, c
 
 
-def sanity_check(port: int, tls: bool) -> dict:
-    """A few requests on one connection: status, body, which backends answered, cipher."""
+def sanity_check(port: int, tls: bool, host: str | None = None) -> dict:
+    """A few requests on one connection: status, body, which backends answered, cipher.
+    `host`: the Host header to send (default: 127.0.0.1:port)."""
     if tls:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -873,7 +890,7 @@ def sanity_check(port: int, tls: bool) -> dict:
     seen = []
     info: dict = {}
     for _ in range(6):
-        conn.request("GET", "/")
+        conn.request("GET", "/", headers={"Host": host} if host else {})
         resp = conn.getresponse()
         body = resp.read()
         if resp.status != 200 or body.decode(errors="replace") != SMALL_BODY:
@@ -1826,6 +1843,598 @@ def write_outputs(env_args, meta: dict, runs: list[dict], lg_runs: list[dict] | 
 
 
 # --------------------------------------------------------------------------------------
+# Soak (--soak SECONDS): gangway's memory under a long steady load. Issue 8: "no growth
+# over a 10-minute soak at steady load (memory at the end within 10 % of memory after the
+# first minute)". Only the soak runs; see benches/README.md.
+
+SOAK_MIN = 120.0  # the reference is the memory after the first minute: a minute, then more
+SOAK_MAX = 3600.0
+SOAK_INTERVAL = 5.0  # seconds between samples
+SOAK_REF_AT = 60.0  # the reference: the sample nearest this many seconds into the load
+SOAK_TAIL = 3  # the end: the mean of the last this many samples under load
+SOAK_LIMIT = 1.10  # end ÷ reference above this fails
+SOAK_OVERRUN = 3  # the generators run this much longer than the sampling, so that the
+#                   last samples are taken under load
+SOAK_AFTER = 5.0  # one more sample this long after the load stopped (not judged)
+SOAK_PLAIN_HOST = "soak-plain.test"  # Host of the plain load: the site without TLS
+
+
+@dataclass(frozen=True)
+class SoakGen:
+    name: str
+    tls: bool
+    conns: int
+    delay_ms: int  # wrk's Lua delay(): the pause before each request on a connection
+    close: bool  # `Connection: close`: a new connection (and TLS handshake) per request
+    what: str
+
+    @property
+    def max_rps(self) -> float:
+        return self.conns * 1000.0 / self.delay_ms
+
+
+SOAK_GENS = [
+    SoakGen("keepalive", False, 20, 10, False,
+            "plain HTTP/1.1 keep-alive: many requests on a few long-lived connections"),
+    SoakGen("churn", True, 4, 20, True,
+            "HTTPS with `Connection: close`: a new TCP connection and a full TLS handshake "
+            "per request"),
+]
+
+
+def soak_floor() -> float:
+    """SOAK_MIN; $BENCH_SOAK_MIN_SECONDS may lower it to test the harness itself with short
+    runs (not documented: the verdict of a run shorter than two minutes means little)."""
+    try:
+        floor = float(os.environ.get("BENCH_SOAK_MIN_SECONDS", SOAK_MIN))
+    except ValueError:
+        floor = SOAK_MIN
+    return max(floor, (SOAK_TAIL + 1) * SOAK_INTERVAL)
+
+
+def gangway_soak_conf(env: Env, http_port: int, https_port: int, admin_port: int) -> str:
+    ups = ", ".join(f"127.0.0.1:{p}" for p in env.backends)
+    return f"""\
+listen:
+  http: 127.0.0.1:{http_port}
+  https: 127.0.0.1:{https_port}
+  admin: 127.0.0.1:{admin_port}
+access_log: off
+storage: {env.tmp / 'gangway-storage'}
+timeouts:
+  grace: 1s
+sites:
+  # The HTTPS load. wrk sends no usable SNI to an IP address, so gangway picks the
+  # certificate by the local address: the site is named by it.
+  - hosts: ["127.0.0.1"]
+    tls: {{cert: {env.cert}, key: {env.key}}}
+    upstreams: [{ups}]
+  # The plain load, by its Host header: on the plain listener a TLS site would answer
+  # every request with a redirect to https instead of proxying it.
+  - hosts: ["*"]
+    tls: none
+    upstreams: [{ups}]
+"""
+
+
+def start_soak_gangway(env: Env, workers: int, run_dir: Path
+                       ) -> tuple[subprocess.Popen, dict[str, int]]:
+    """gangway with both listeners and its admin endpoint (for /metrics), pinned as in the
+    scenarios."""
+    http_port, https_port, admin_port = free_ports(3)
+    cfg = run_dir / "gangway.yaml"
+    cfg.write_text(gangway_soak_conf(env, http_port, https_port, admin_port))
+    base_env = dict(os.environ, TOKIO_WORKER_THREADS=str(workers))
+    base_env.pop("RUST_LOG", None)
+    logf = run_dir / "gangway.log"
+    p = env.procs.start([str(env.gangway_bin), "run", "-c", str(cfg)], env.proxy_cpus, logf,
+                        env=base_env)
+    try:
+        for port in (http_port, https_port, admin_port):
+            wait_port(port, p)
+    except RuntimeError as e:
+        env.procs.stop(p)
+        raise RuntimeError(f"gangway did not start: {e}\n{tail(logf)}") from None
+    return p, {"http": http_port, "https": https_port, "admin": admin_port}
+
+
+def soak_wrk_argv(g: SoakGen, port: int, seconds: int, script: Path) -> list[str]:
+    argv = ["wrk", "-t1", f"-c{g.conns}", f"-d{seconds}s", "--latency", "--timeout", "5s",
+            "-s", str(script)]
+    argv += ["-H", "Connection: close"] if g.close else ["-H", f"Host: {SOAK_PLAIN_HOST}"]
+    return argv + [f"{'https' if g.tls else 'http'}://127.0.0.1:{port}/"]
+
+
+def gangway_metrics(port: int) -> dict | None:
+    """The few figures of gangway's admin /metrics the soak follows: open HTTP/1
+    connections, requests in flight, unrouted requests and responses by status class
+    (summed over the routes)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode(errors="replace")
+        conn.close()
+    except (OSError, http.client.HTTPException):
+        return None
+    if resp.status != 200:
+        return None
+    out: dict = {"responses": {}}
+    for line in text.splitlines():
+        m = re.match(r"(\w+)(?:\{([^}]*)\})?\s+(\S+)\s*$", line)
+        if not m or line.startswith("#"):
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", m.group(3)
+        try:
+            v = int(float(value))
+        except ValueError:
+            continue
+        if name == "gangway_connections" and 'protocol="h1"' in labels:
+            out["connections"] = v
+        elif name == "gangway_requests_in_flight":
+            out["in_flight"] = v
+        elif name == "gangway_unrouted_requests_total":
+            out["unrouted"] = v
+        elif name == "gangway_route_requests_total":
+            c = re.search(r'code="(\w+)"', labels)
+            if c:
+                out["responses"][c.group(1)] = out["responses"].get(c.group(1), 0) + v
+    return out
+
+
+def group_fds_threads(pgid: int) -> tuple[int, int]:
+    """Open file descriptors and threads over the group (a leaked connection keeps its
+    socket)."""
+    fds = threads = 0
+    for pid in group_pids(pgid):
+        with contextlib.suppress(OSError):
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
+        with contextlib.suppress(OSError, AttributeError):
+            with open(f"/proc/{pid}/status") as f:
+                threads += int(re.search(r"^Threads:\s+(\d+)", f.read(), re.M).group(1))
+    return fds, threads
+
+
+def soak_sample(env: Env, proc, admin_port: int, t: float, phase: str) -> dict:
+    rss, hwm, _ = group_memory_kib(proc.pid)
+    fds, threads = group_fds_threads(proc.pid)
+    s = {"t": round(t, 1), "phase": phase, "rss_kib": rss, "hwm_kib": hwm,
+         "cpu_s": round(group_cpu_seconds(proc.pid), 3), "fds": fds, "threads": threads,
+         "backend_accepts": backend_accepts(env)}
+    m = gangway_metrics(admin_port)
+    if m is not None:
+        s.update(m)
+    return s
+
+
+def soak_rates(samples: list[dict]) -> None:
+    """Per interval, into each sample after the first: gangway's CPU % of one core and
+    its 2xx responses per second."""
+    for a, b in zip(samples, samples[1:]):
+        dt_s = b["t"] - a["t"] if b["phase"] == a["phase"] or a["phase"] == "start" else 0
+        if dt_s <= 0:
+            continue
+        b["cpu_pct"] = round(100.0 * (b["cpu_s"] - a["cpu_s"]) / dt_s, 1)
+        ra, rb = (a.get("responses") or {}).get("2xx"), (b.get("responses") or {}).get("2xx")
+        if ra is not None and rb is not None:
+            b["rps"] = round((rb - ra) / dt_s, 1)
+
+
+def run_soak(env: Env, proc, ports: dict[str, int], duration: float, run_dir: Path,
+             samples: list[dict], res: dict) -> None:
+    """Starts both generators, samples every SOAK_INTERVAL s until `duration`, collects
+    the generators' totals. Fills `samples` and `res` as it goes (partial on an error)."""
+    seconds = int(round(duration)) + SOAK_OVERRUN
+    gens = []
+    samples.append(soak_sample(env, proc, ports["admin"], 0.0, "start"))
+    cores0 = cpu_times()
+    for g in SOAK_GENS:
+        script = env.tmp / f"soak-{g.name}.lua"
+        script.write_text(f"-- {g.what}\nfunction delay()\n  return {g.delay_ms}\nend\n")
+        argv = soak_wrk_argv(g, ports["https" if g.tls else "http"], seconds, script)
+        gens.append((g, env.procs.start(argv, env.load_cpus, run_dir / f"wrk-{g.name}.out")))
+    t0 = time.monotonic()
+    log(f"soak: {duration:.0f} s of load, a sample every {SOAK_INTERVAL:.0f} s")
+    k = 1
+    while k * SOAK_INTERVAL <= duration + 1e-6 and res.get("gangway_exit") is None:
+        due = t0 + k * SOAK_INTERVAL
+        while (left := due - time.monotonic()) > 0:
+            time.sleep(min(left, 1.0))
+            if proc.poll() is not None:
+                res["gangway_exit"] = proc.returncode
+                res["gangway_exit_after_s"] = round(time.monotonic() - t0, 1)
+                break
+            for g, p in gens:
+                if p.poll() is not None:
+                    raise RuntimeError(
+                        f"wrk ({g.name}) exited with status {p.returncode} after "
+                        f"{time.monotonic() - t0:.0f} s:\n{tail(run_dir / f'wrk-{g.name}.out')}")
+        if res.get("gangway_exit") is not None:
+            break
+        samples.append(soak_sample(env, proc, ports["admin"], time.monotonic() - t0, "load"))
+        if k % 6 == 0 or k * SOAK_INTERVAL == SOAK_REF_AT:
+            soak_rates(samples)
+            s = samples[-1]
+            log(f"    t={s['t']:5.0f} s  RSS {s['rss_kib'] / 1024:6.1f} MiB  CPU "
+                f"{fmt(s.get('cpu_pct'), 0):>3} %  {fmt(s.get('rps'), thousands=True):>6} "
+                f"resp/s  {s.get('connections', '?')} conns  {s['fds']} fds")
+        k += 1
+    res["cores"] = (cores0, cpu_times())
+    if res.get("gangway_exit") is not None:
+        log(f"gangway exited with status {res['gangway_exit']} "
+            f"{res['gangway_exit_after_s']} s into the soak")
+        for _, p in gens:
+            env.procs.stop(p)
+        res["wrk"] = {g.name: {"error": "stopped: gangway had exited"} for g, _ in gens}
+        return
+    wrk: dict = {}
+    for g, p in gens:
+        try:
+            p.wait(timeout=SOAK_OVERRUN + 30)
+        except subprocess.TimeoutExpired:
+            env.procs.stop(p)
+            raise RuntimeError(f"wrk ({g.name}) did not finish") from None
+        env.procs.stop(p)
+        text = (run_dir / f"wrk-{g.name}.out").read_text(errors="replace")
+        if p.returncode != 0:
+            raise RuntimeError(f"wrk ({g.name}) exited with status {p.returncode}: "
+                               f"{text[-600:]}")
+        wrk[g.name] = parse_wrk(text)
+        wrk[g.name]["raw_output"] = text[-3000:]
+    res["wrk"] = wrk
+    time.sleep(SOAK_AFTER)
+    if proc.poll() is None:
+        samples.append(soak_sample(env, proc, ports["admin"], time.monotonic() - t0, "after"))
+    else:
+        res["gangway_exit"] = proc.returncode
+        res["gangway_exit_after_s"] = round(time.monotonic() - t0, 1)
+
+
+def soak_verdict(samples: list[dict], res: dict, env: Env | None = None) -> dict:
+    """The figures and the verdict from the samples and the generators' totals."""
+    v: dict = {}
+    reasons: list[str] = []
+    soak_rates(samples)
+    start = next((s for s in samples if s["phase"] == "start"), None)
+    load = [s for s in samples if s["phase"] == "load"]
+    after = next((s for s in samples if s["phase"] == "after"), None)
+    mib = lambda kib: round(kib / 1024, 2)  # noqa: E731
+    if res.get("gangway_exit") is not None:
+        reasons.append(f"gangway exited with status {res['gangway_exit']} "
+                       f"{res.get('gangway_exit_after_s')} s into the soak")
+    if start:
+        v["start_rss_mib"] = mib(start["rss_kib"])
+    if len(load) > SOAK_TAIL:
+        ref = min(load, key=lambda s: abs(s["t"] - SOAK_REF_AT))
+        end = load[-SOAK_TAIL:]
+        end_kib = sum(s["rss_kib"] for s in end) / len(end)
+        peak = max(load, key=lambda s: s["rss_kib"])
+        v.update(ref_t=ref["t"], ref_rss_mib=mib(ref["rss_kib"]),
+                 end_t=[end[0]["t"], end[-1]["t"]], end_rss_mib=mib(end_kib),
+                 peak_rss_mib=mib(peak["rss_kib"]), peak_t=peak["t"],
+                 ratio=round(end_kib / ref["rss_kib"], 4) if ref["rss_kib"] else None,
+                 hwm_mib=mib(load[-1]["hwm_kib"]), load_s=load[-1]["t"])
+        if v["ratio"] is None or v["ratio"] > SOAK_LIMIT:
+            reasons.append(f"RSS at the end is {fmt(v['ratio'], 3)}× the RSS after the first "
+                           f"minute (limit {SOAK_LIMIT:.2f}×)")
+        # gangway's own view over the load: CPU, responses by class, connections, fds.
+        first, last = start or load[0], load[-1]
+        cpu = last["cpu_s"] - first["cpu_s"]
+        v["gangway_cpu_s"] = round(cpu, 2)
+        if last["t"] > first["t"]:
+            v["gangway_cpu_pct"] = round(100.0 * cpu / (last["t"] - first["t"]), 1)
+        r0, r1 = first.get("responses") or {}, last.get("responses") or {}
+        if r1:
+            v["gangway_responses"] = {c: r1.get(c, 0) - r0.get(c, 0) for c in sorted(r1)}
+            ok = v["gangway_responses"].get("2xx", 0)
+            if ok:
+                v["gangway_cpu_us_per_response"] = round(cpu * 1e6 / ok, 1)
+                v["gangway_rps"] = round(ok / (last["t"] - first["t"]), 1)
+            bad = sum(n for c, n in v["gangway_responses"].items() if c != "2xx")
+            bad += (last.get("unrouted") or 0) - (first.get("unrouted") or 0)
+            if bad:
+                reasons.append(f"gangway sent {bad} responses other than 2xx "
+                               f"({v['gangway_responses']})")
+        v["fds"] = [first["fds"], last["fds"]]
+        v["threads"] = [first["threads"], last["threads"]]
+        v["connections_end"] = last.get("connections")
+        if first.get("backend_accepts") is not None and last.get("backend_accepts") is not None:
+            # Minus the status requests themselves, one per sample.
+            n = sum(1 for s in samples if s["phase"] == "load")
+            v["upstream_connects"] = last["backend_accepts"] - first["backend_accepts"] - n
+    elif res.get("gangway_exit") is None:
+        reasons.append(f"only {len(load)} samples under load: no verdict")
+    if after:
+        v["after_rss_mib"] = mib(after["rss_kib"])
+        v["after_connections"] = after.get("connections")
+    for name, w in (res.get("wrk") or {}).items():
+        if w.get("error"):
+            continue
+        sock = sum((w.get("socket_errors") or {}).values())
+        if sock:
+            reasons.append(f"wrk {name}: socket errors {w['socket_errors']}")
+        if w.get("non_2xx"):
+            reasons.append(f"wrk {name}: {w['non_2xx']} non-2xx responses")
+        if not w.get("requests"):
+            reasons.append(f"wrk {name}: no request completed")
+    if env is not None and res.get("cores") and len(load) > 1:
+        c0, c1 = res["cores"]
+        v["proxy_core_busy_pct"] = busy_percent(c0, c1, env.proxy_cpu_list)
+        v["load_core_busy_pct"] = busy_percent(c0, c1, env.load_cpu_list)
+        if v["proxy_core_busy_pct"] is not None and "gangway_cpu_pct" in v \
+                and env.proxy_cpus != env.load_cpus:
+            irq = busy_percent(c0, c1, env.proxy_cpu_list, column=2) or 0.0
+            own = v["gangway_cpu_pct"] / max(1, len(env.proxy_cpu_list))
+            v["foreign_on_proxy_core_pct"] = round(max(
+                0.0, v["proxy_core_busy_pct"] - (irq if irq_time_apart() else 0.0) - own), 1)
+    v["verdict"] = "FAIL" if reasons else "PASS"
+    v["reasons"] = reasons
+    return v
+
+
+def soak_markdown(meta: dict, v: dict) -> str:
+    mi = meta["machine"]
+    pin = meta["pinning"]
+    L = ["# gangway soak\n",
+         f"- date: {meta['date']}",
+         f"- machine: {mi['nproc']} CPUs ({mi['cpu_model']}), {mi['memory']}, {mi['os']}, "
+         f"kernel {mi['kernel']}",
+         f"- command: `{meta['command']}`",
+         "- versions: " + "; ".join(f"{k} {x}" for k, x in meta.get("versions", {}).items()),
+         f"- duration: {meta['duration_s']:.0f} s of steady load (the generators run "
+         f"{SOAK_OVERRUN} s longer, so the last samples are under load), a sample every "
+         f"{SOAK_INTERVAL:.0f} s: RSS = VmRSS summed over gangway's process group (/proc)",
+         f"- gangway: {meta['workers']} worker on CPU {pin['proxy']}; both generators and the "
+         f"three nginx backends on CPU {pin['load']}"
+         + (" (shared: not enough CPUs to separate them)" if pin["proxy"] == pin["load"]
+            else ""),
+         "- load, two wrk at once for the whole run (a Lua `delay()` paces each connection, "
+         "so the load is steady rather than saturating):"]
+    for g in SOAK_GENS:
+        L.append(f"  - {g.name}: {g.what}; {g.conns} connections, {g.delay_ms} ms pause "
+                 f"before each request (at most {g.max_rps:,.0f} req/s): "
+                 f"`{shlex.join(meta['commands'][g.name])}`")
+    if meta.get("cpu_busy_pct_before_start", 0) > 10:
+        L.append(f"- **warning**: the CPUs were {meta['cpu_busy_pct_before_start']:.0f} % busy "
+                 "before the start: something else was running")
+    if (v.get("foreign_on_proxy_core_pct") or 0) > 15:
+        L.append(f"- **warning**: other programs used {v['foreign_on_proxy_core_pct']:.0f} % "
+                 "of gangway's CPU during the soak (memory is little affected; the rates and "
+                 "CPU figures are)")
+    if meta.get("interrupted"):
+        L.append("- **interrupted**: partial results")
+    L.append("")
+    if meta.get("error"):
+        first, _, rest = meta["error"].partition("\n")
+        L.append(f"**Verdict: ERROR** (the soak could not run): {first}\n")
+        if rest:
+            L += ["```", rest, "```", ""]
+    else:
+        L.append(f"**Verdict: {v['verdict']}**"
+                 + (": " + "; ".join(v["reasons"]) if v["reasons"] else
+                    f": RSS at the end is {fmt(v.get('ratio'), 3)}× the RSS after the first "
+                    f"minute (limit {SOAK_LIMIT:.2f}×), no errors") + "\n")
+    if "ref_rss_mib" in v:
+        L += ["| RSS | MiB | when |", "|---|---:|---|",
+              f"| before the load | {fmt(v.get('start_rss_mib'), 1)} | t = 0 |",
+              f"| after the first minute (reference: the sample nearest "
+              f"{SOAK_REF_AT:.0f} s) | {fmt(v['ref_rss_mib'], 1)} "
+              f"| t = {v['ref_t']:.0f} s |",
+              f"| end: mean of the last {SOAK_TAIL} samples | {fmt(v['end_rss_mib'], 1)} "
+              f"| t = {v['end_t'][0]:.0f}–{v['end_t'][1]:.0f} s |",
+              f"| peak of the samples | {fmt(v['peak_rss_mib'], 1)} | t = {v['peak_t']:.0f} s |",
+              f"| peak (VmHWM, the process's whole life) | {fmt(v['hwm_mib'], 1)} "
+              "| the kernel updates it lazily: it can miss a short peak |",
+              f"| {SOAK_AFTER:.0f} s after the load stopped | {fmt(v.get('after_rss_mib'), 1)} "
+              "| not judged |",
+              f"| **end ÷ reference** | **{fmt(v.get('ratio'), 3)}** | limit {SOAK_LIMIT:.2f} |",
+              ""]
+    wrk = meta.get("wrk") or {}
+    if wrk:
+        L += ["| generator | requests | req/s | p50 ms | p99 ms | socket errors | non-2xx |",
+              "|---|---:|---:|---:|---:|---|---:|"]
+        for name, w in wrk.items():
+            if w.get("error"):
+                L.append(f"| {name} | {w['error']} | | | | | |")
+                continue
+            sock = w.get("socket_errors") or {}
+            L.append(f"| {name} | {fmt(w.get('requests'), thousands=True)} "
+                     f"| {fmt(w.get('rps'), thousands=True)} | {fmt(w.get('p50_ms'), 2)} "
+                     f"| {fmt(w.get('p99_ms'), 2)} "
+                     f"| {', '.join(f'{k} {n}' for k, n in sock.items()) or '0'} "
+                     f"| {w.get('non_2xx', 0)} |")
+        total = sum(w.get("requests") or 0 for w in wrk.values())
+        errs = sum(w.get("errors") or 0 for w in wrk.values() if not w.get("error"))
+        L.append(f"| **total** | **{total:,}** | | | | | errors {errs} |")
+        L.append("")
+    if "gangway_cpu_s" in v:
+        L.append(f"gangway over the load: CPU {v['gangway_cpu_s']} s "
+                 f"({fmt(v.get('gangway_cpu_pct'))} % of a core, "
+                 f"{fmt(v.get('gangway_cpu_us_per_response'))} µs per response), "
+                 f"{fmt(v.get('gangway_rps'), thousands=True)} 2xx responses/s, both loads "
+                 f"(responses by class from its /metrics: {v.get('gangway_responses')}); open fds {v['fds'][0]} → "
+                 f"{v['fds'][1]}, threads {v['threads'][0]} → {v['threads'][1]}; client "
+                 f"connections open at the end {v.get('connections_end')} "
+                 f"({fmt(v.get('after_connections'))} after the load stopped); upstream connects "
+                 f"{v.get('upstream_connects')}. Proxy core busy "
+                 f"{fmt(v.get('proxy_core_busy_pct'))} %, load core "
+                 f"{fmt(v.get('load_core_busy_pct'))} %.\n")
+    if meta.get("plot"):
+        L.append(f"![gangway RSS over the soak]({meta['plot']})\n")
+    L.append(f"Samples: `soak.json`. Issue 8's other memory target (≤ 64 MiB with 10 000 idle "
+             f"connections) is scenario 6 of the normal run.")
+    return "\n".join(L) + "\n"
+
+
+def soak_plot(path: Path, samples: list[dict], v: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = [s for s in samples if s["phase"] in ("start", "load")]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True,
+                                   gridspec_kw={"height_ratios": [2, 1]})
+    ax1.plot([s["t"] for s in run], [s["rss_kib"] / 1024 for s in run], color="#d62728",
+             marker=".", label="gangway RSS (VmRSS, process group)")
+    if v.get("ref_rss_mib"):
+        ax1.axhline(v["ref_rss_mib"] * SOAK_LIMIT, color="#7f7f7f", ls="--",
+                    label=f"limit: {SOAK_LIMIT:.2f} × the reference")
+        ax1.plot([v["ref_t"]], [v["ref_rss_mib"]], "o", color="black",
+                 label=f"reference (t = {v['ref_t']:.0f} s)")
+        ax1.axvspan(v["end_t"][0], v["end_t"][1], color="#1f77b4", alpha=0.15,
+                    label=f"end: mean of the last {SOAK_TAIL} samples")
+    top = max([s["rss_kib"] / 1024 for s in run] + [(v.get("ref_rss_mib") or 0) * SOAK_LIMIT])
+    ax1.set_ylim(0, top * 1.08)
+    ax1.set_ylabel("MiB")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8, loc="lower right")
+    ax1.set_title(f"gangway soak: {v.get('verdict')}, end ÷ reference = "
+                  f"{fmt(v.get('ratio'), 3)}")
+    rated = [s for s in run if "cpu_pct" in s]
+    ax2.plot([s["t"] for s in rated], [s["cpu_pct"] for s in rated], color="#d62728",
+             label="gangway CPU % of a core")
+    ax2.set_ylabel("CPU %")
+    ax2.set_ylim(0, max([s["cpu_pct"] for s in rated] + [1.0]) * 1.15)
+    ax2.grid(alpha=0.3)
+    ax2.set_xlabel("seconds since the load started")
+    with_rps = [s for s in rated if "rps" in s]
+    if with_rps:
+        ax3 = ax2.twinx()
+        ax3.plot([s["t"] for s in with_rps], [s["rps"] for s in with_rps], color="#1f77b4",
+                 label="2xx responses/s (gangway /metrics)")
+        ax3.set_ylabel("responses/s")
+        ax3.set_ylim(0, max([s["rps"] for s in with_rps] + [1.0]) * 1.15)
+        h1, l1 = ax2.get_legend_handles_labels()
+        h2, l2 = ax3.get_legend_handles_labels()
+        ax2.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_soak_outputs(args: argparse.Namespace, meta: dict, samples: list[dict],
+                       v: dict) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("soak.png",):
+        with contextlib.suppress(OSError):
+            (out / stale).unlink()
+    if not args.no_plot and any(s["phase"] == "load" for s in samples):
+        if have_matplotlib(not args.no_pip):
+            try:
+                soak_plot(out / "soak.png", samples, v)
+                meta["plot"] = "soak.png"
+            except Exception as e:  # noqa: BLE001
+                log(f"plot failed: {e}")
+        else:
+            log("matplotlib is not available: no plot (pip install matplotlib to get one)")
+    wrk = {k: {x: y for x, y in w.items() if x != "raw_output"}
+           for k, w in (meta.get("wrk") or {}).items()}
+    doc = {"meta": dict(meta, wrk=wrk), "result": v, "samples": samples,
+           "wrk_outputs": {k: w.get("raw_output") for k, w in (meta.get("wrk") or {}).items()}}
+    (out / "soak.json").write_text(json.dumps(doc, indent=1))
+    (out / "soak.md").write_text(soak_markdown(meta, v))
+    log(f"wrote {out / 'soak.md'}, {out / 'soak.json'}"
+        + (f", {out / 'soak.png'}" if meta.get("plot") else ""))
+
+
+def soak_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """--soak: only the soak. Exit 0 on PASS, 1 on FAIL, 2 if it could not run."""
+    ignored = [o for o in ("--quick", "--scenarios", "--rounds", "--duration", "--warmup",
+                           "--proxies", "--loadgen", "--idle-conns", "--idle-hold")
+               if any(a == o or a.startswith(o + "=") for a in argv)]
+    if ignored:
+        log(f"--soak runs only the soak: {', '.join(ignored)} ignored")
+    tools = ensure_tools(not args.no_install, ["nginx", "wrk", "openssl", "taskset"])
+    for need, path in tools.items():
+        if not path:
+            log(f"cannot run the soak without {need}")
+            return 2
+    duration = args.soak
+    workers = args.worker_list[0]
+    ncpu = os.cpu_count() or 1
+    pcpus, lcpus = cpu_plan(workers, ncpu, args.proxy_cpus, args.load_cpus)
+    c0 = cpu_times()
+    time.sleep(1.0)
+    idle_busy = busy_percent(c0, cpu_times(), sorted(c0)) or 0.0
+    if idle_busy > 10:
+        log(f"warning: the CPUs are {idle_busy:.0f} % busy before the soak starts: other "
+            "programs are running")
+    tmp = Path(tempfile.mkdtemp(prefix="gangway-soak-"))
+    run_dir = tmp / "runs" / "soak"
+    run_dir.mkdir(parents=True)
+    procs = Procs()
+    env = Env(args, tmp, procs, tools, pcpus, lcpus, parse_cpus(pcpus), parse_cpus(lcpus))
+    meta: dict = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "python3 benches/run.py " + shlex.join(argv),
+        "machine": machine_info(), "duration_s": duration, "interval_s": SOAK_INTERVAL,
+        "reference_at_s": SOAK_REF_AT, "end_samples": SOAK_TAIL, "limit": SOAK_LIMIT,
+        "workers": workers, "pinning": {"proxy": pcpus, "load": lcpus},
+        "generators": [vars(g) for g in SOAK_GENS],
+        "commands": {g.name: soak_wrk_argv(g, 0, int(round(duration)) + SOAK_OVERRUN,
+                                           Path(f"soak-{g.name}.lua"))
+                     for g in SOAK_GENS},
+        "cpu_busy_pct_before_start": idle_busy, "irq_time_apart": irq_time_apart(),
+        "tmp": str(tmp),
+    }
+    for g in SOAK_GENS:  # the command as run, with a readable URL
+        meta["commands"][g.name][-1] = meta["commands"][g.name][-1].replace(
+            ":0/", ":PORT/")
+    log(f"soak: gangway ({workers} worker) on CPU {pcpus}, wrk x2 and backends on CPU {lcpus}"
+        + (" (shared)" if pcpus == lcpus else ""))
+    samples: list[dict] = []
+    res: dict = {}
+    v: dict = {"verdict": "ERROR", "reasons": []}
+    code = 2
+    try:
+        env.gangway_bin = given_gangway_bin(args)
+        if env.gangway_bin is None:
+            build_gangway(env)
+        meta["versions"] = versions({"nginx": tools["nginx"], "wrk": tools["wrk"]},
+                                    env.gangway_bin)
+        make_cert(env)
+        start_backends(env, max(1, len(env.load_cpu_list)))
+        proc, ports = start_soak_gangway(env, workers, run_dir)
+        meta["sanity"] = {"plain": sanity_check(ports["http"], False, SOAK_PLAIN_HOST),
+                          "https": sanity_check(ports["https"], True)}
+        run_soak(env, proc, ports, duration, run_dir, samples, res)
+        meta["wrk"] = res.get("wrk")
+        v = soak_verdict(samples, res, env)
+        code = 0 if v["verdict"] == "PASS" else 1
+    except KeyboardInterrupt:
+        meta["interrupted"] = True
+        meta["error"] = "interrupted"
+        log("interrupted: stopping everything and writing what was sampled")
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        meta["error"] = str(e).strip()[:1500] or repr(e)
+    finally:
+        procs.stop_all()
+        if code == 2 and samples:
+            meta.setdefault("wrk", res.get("wrk"))
+            v = dict(soak_verdict(samples, res, env), verdict="ERROR")
+        meta.setdefault("versions", {})
+        try:
+            write_soak_outputs(args, meta, samples, v)
+            if code != 0:
+                keep_failed_run(env, {"ok": False}, run_dir)
+        finally:
+            if args.keep_tmp:
+                log(f"configs and logs kept in {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if meta.get("error"):
+        log(f"soak: could not run: {meta['error'].splitlines()[0]}")
+    else:
+        log(f"soak: {v['verdict']}: RSS {fmt(v.get('ref_rss_mib'))} MiB after the first minute, "
+            f"{fmt(v.get('end_rss_mib'))} MiB at the end (× {fmt(v.get('ratio'), 3)}, limit "
+            f"{SOAK_LIMIT:.2f}), peak {fmt(v.get('peak_rss_mib'))} MiB; "
+            + ("; ".join(v["reasons"]) if v["reasons"] else "no errors"))
+    return code
+
+
+# --------------------------------------------------------------------------------------
 # Main
 
 
@@ -1886,6 +2495,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-pip", action="store_true", help="do not pip install matplotlib")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    ap.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                    help=f"run only the soak: gangway under a steady load for SECONDS (at "
+                    f"least {SOAK_MIN:.0f}, at most {SOAK_MAX:.0f}; issue 8 asks for 600), its "
+                    f"RSS sampled every {SOAK_INTERVAL:.0f} s; writes soak.md, soak.json, "
+                    "soak.png. Exit 0 PASS, 1 FAIL, 2 could not run")
     ap.add_argument("--loadgen", action="store_true",
                     help="also compare the load generators: wrk against `gangway load`, in "
                     "scenario 1's setup, through gangway and straight at a backend")
@@ -1902,6 +2516,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if s not in SCENARIOS:
             ap.error(f"unknown scenario {s}")
     a.worker_list = [int(w) for w in a.workers.split(",") if w.strip()]
+    if a.soak is not None:
+        floor = soak_floor()
+        if a.soak < floor:
+            ap.error(f"--soak needs at least {floor:.0f} s (the reference is the memory "
+                     f"after the first minute)")
+        if a.soak > SOAK_MAX:
+            log(f"--soak {a.soak:.0f} capped at {SOAK_MAX:.0f} s")
+            a.soak = SOAK_MAX
     a.proxy_list = [p.strip() for p in a.proxies.split(",") if p.strip()]
     for p in a.proxy_list:
         if p not in PROXIES:
@@ -1920,6 +2542,8 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
+    if args.soak is not None:
+        return soak_main(args, argv)
 
     tools = ensure_tools(not args.no_install)
     for need in ("nginx", "wrk", "openssl", "taskset"):
@@ -1970,13 +2594,8 @@ def main(argv: list[str]) -> int:
     try:
         env = Env(args, tmp, procs, tools, "", "", [], [])
         if "gangway" in proxies or args.loadgen:  # --loadgen runs `gangway load` too
-            if args.gangway_bin:
-                env.gangway_bin = Path(args.gangway_bin).resolve()
-                if not os.access(env.gangway_bin, os.X_OK):
-                    raise RuntimeError(f"--gangway-bin {env.gangway_bin} is not executable")
-            elif args.no_build and (ROOT / "target/release/gangway").exists():
-                env.gangway_bin = ROOT / "target" / "release" / "gangway"
-            else:
+            env.gangway_bin = given_gangway_bin(args)
+            if env.gangway_bin is None:
                 try:
                     build_gangway(env)
                 except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
