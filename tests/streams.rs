@@ -229,6 +229,26 @@ async fn read_response(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) ->
     }
 }
 
+/// gangway's count of parked connections, from its metrics.
+async fn parked(gw: &Gangway) -> u64 {
+    let got = get(gw.admin_addr.expect("admin listener"), "admin", "/metrics").await;
+    let text = got.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("gangway_connections_parked "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no gangway_connections_parked in:\n{text}"))
+}
+
+/// Waits until exactly `n` connections are parked.
+async fn wait_parked(gw: &Gangway, n: u64) {
+    let ok = eventually(Duration::from_secs(5), || async { parked(gw).await == n }).await;
+    assert!(
+        ok,
+        "{n} parked connections expected, metrics say {}",
+        parked(gw).await
+    );
+}
+
 /// An idle keep-alive connection gives up hyper's buffers after 50 ms (it is parked) and
 /// must then serve exactly as before: a later request, two pipelined ones, and a request
 /// head split across a pause all get their answers on the same connection.
@@ -240,23 +260,23 @@ async fn a_parked_keep_alive_connection_serves_on() {
     let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let mut buf = Vec::new();
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
-    let pause = Duration::from_millis(200);
 
     conn.write_all(get("/one").as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
-    tokio::time::sleep(pause).await;
+    wait_parked(&gw, 1).await;
     conn.write_all(get("/two").as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
-    tokio::time::sleep(pause).await;
+    wait_parked(&gw, 1).await;
     conn.write_all(format!("{}{}", get("/three"), get("/four")).as_bytes())
         .await
         .unwrap();
     assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
     assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
-    tokio::time::sleep(pause).await;
+    wait_parked(&gw, 1).await;
     let split = get("/five");
     conn.write_all(&split.as_bytes()[..10]).await.unwrap();
-    tokio::time::sleep(pause).await;
+    // A deliberate pause in the middle of the head, longer than the park delay.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     conn.write_all(&split.as_bytes()[10..]).await.unwrap();
     assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
 
@@ -273,6 +293,50 @@ async fn a_parked_keep_alive_connection_serves_on() {
         1,
         "one upstream connection, reused throughout"
     );
+    drop(conn);
+    wait_parked(&gw, 0).await;
+}
+
+/// Every idle keep-alive connection is parked, a busy one is not, and each parked one
+/// answers its next request.
+#[tokio::test]
+async fn idle_connections_are_parked_and_a_slow_response_is_not() {
+    use tokio::io::AsyncWriteExt;
+    const N: usize = 20;
+    let a = Upstream::start("a").await;
+    let gw = Gangway::start(&catch_all(&[&a], "")).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    let mut conns = Vec::new();
+    for _ in 0..N {
+        let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let mut buf = Vec::new();
+        conn.write_all(get("/").as_bytes()).await.unwrap();
+        assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
+        conns.push((conn, buf));
+    }
+    wait_parked(&gw, N as u64).await;
+
+    // One connection waits 600 ms for its upstream: it must stay unparked meanwhile.
+    let (slow, slow_buf) = &mut conns[0];
+    slow.write_all(get("/slow?ms=600").as_bytes())
+        .await
+        .unwrap();
+    wait_parked(&gw, N as u64 - 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        parked(&gw).await,
+        N as u64 - 1,
+        "a busy connection was parked"
+    );
+    assert_eq!(read_response(slow, slow_buf).await, (200, "a".into()));
+
+    for (conn, buf) in &mut conns {
+        conn.write_all(get("/again").as_bytes()).await.unwrap();
+        assert_eq!(read_response(conn, buf).await, (200, "a".into()));
+    }
+    assert_eq!(a.hits(), 2 * N + 1);
+    drop(conns);
+    wait_parked(&gw, 0).await;
 }
 
 /// A WebSocket that stays silent for longer than the park delay is a tunnel, not an idle

@@ -163,6 +163,17 @@ pub fn metrics(g: &Generation, s: &ServerStats) -> String {
             g.load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP gangway_connections_parked Idle HTTP/1.1 keep-alive connections waiting \
+         without buffers (also counted in gangway_connections{{protocol=\"h1\"}})."
+    );
+    let _ = writeln!(out, "# TYPE gangway_connections_parked gauge");
+    let _ = writeln!(
+        out,
+        "gangway_connections_parked {}",
+        s.parked.load(Ordering::Relaxed)
+    );
     let _ = writeln!(out, "# TYPE gangway_requests_in_flight gauge");
     let _ = writeln!(
         out,
@@ -413,6 +424,7 @@ pub fn status(g: &Generation, s: &ServerStats) -> serde_json::Value {
             "h1": s.connections_h1.load(Ordering::Relaxed),
             "h2": s.connections_h2.load(Ordering::Relaxed),
             "websocket": s.websockets.load(Ordering::Relaxed),
+            "parked": s.parked.load(Ordering::Relaxed),
         },
         "reloads": { "ok": s.reloads_ok.load(Ordering::Relaxed), "failed": s.reloads_failed.load(Ordering::Relaxed) },
         "sites": sites,

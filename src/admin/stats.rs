@@ -128,6 +128,9 @@ pub struct ServerStats {
     pub connections_h1: AtomicI64,
     pub connections_h2: AtomicI64,
     pub websockets: AtomicI64,
+    /// Idle plain HTTP/1.1 connections waiting for their next request without buffers
+    /// (counted in `connections_h1` too).
+    pub parked: AtomicI64,
     pub in_flight: AtomicI64,
     /// Requests for no site or no route.
     pub unrouted: AtomicU64,

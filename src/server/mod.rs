@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 use timed_io::{Activity, TimedIo};
 use tokio::net::{TcpListener, TcpStream};
@@ -493,7 +493,7 @@ async fn serve_connection(stream: TcpStream, https: bool, shared: Shared) {
         None => {
             let _open = GaugeGuard::new(&stats.connections_h1);
             let io = io.park_after(PARK_AFTER);
-            serve_plain(io, &builder, &h1, service, &shutdown, peer).await
+            serve_plain(io, &builder, &h1, service, &shutdown, peer, &stats.parked).await
         }
         // Boxed: the handshake and a TLS session are large, and the task holds them only for
         // TLS connections.
@@ -550,6 +550,7 @@ async fn serve_plain<S, B>(
     service: S,
     shutdown: &CancellationToken,
     peer: SocketAddr,
+    parked: &AtomicI64,
 ) where
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
@@ -608,6 +609,7 @@ async fn serve_plain<S, B>(
         // not live on while the connection is parked.
         unread = unread_bytes(rest, read_buf);
         if unread.is_empty() {
+            let _parked = GaugeGuard::new(parked);
             tokio::select! {
                 r = io.readable() => if r.is_err() { return },
                 _ = shutdown.cancelled() => return,
