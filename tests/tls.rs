@@ -543,6 +543,36 @@ async fn h2c_upstreams_get_http2() {
     );
 }
 
+/// gangway's cipher preference (AES-128-GCM, cheaper per byte) wins over a client that
+/// lists AES-256-GCM first, as OpenSSL-based clients (curl, wrk, Python) and rustls do.
+#[tokio::test]
+async fn aes_128_gcm_is_chosen_over_the_clients_order() {
+    let s = setup().await;
+    let cfg = s.client(&[b"http/1.1"]);
+    let offered: Vec<_> = cfg
+        .crypto_provider()
+        .cipher_suites
+        .iter()
+        .map(|c| c.suite())
+        .collect();
+    assert_eq!(
+        offered.first(),
+        Some(&rustls::CipherSuite::TLS13_AES_256_GCM_SHA384),
+        "the test client must prefer AES-256"
+    );
+    let conn = tls_connect(s.https(), "a.example.test", &cfg)
+        .await
+        .unwrap();
+    assert_eq!(
+        conn.get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .map(|c| c.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    assert_eq!(get_over(conn, "a.example.test", "/").await.status, 200);
+}
+
 #[tokio::test]
 async fn sessions_resume() {
     let s = setup().await;
