@@ -263,6 +263,16 @@ def cpu_times() -> dict[int, tuple[int, int, int]]:
     return out
 
 
+def busy_before_start(warning: str) -> float:
+    """How busy all CPUs are over 1 s; warns "... busy before WARNING" over 10 %."""
+    c0 = cpu_times()
+    time.sleep(1.0)
+    busy = busy_percent(c0, cpu_times(), sorted(c0)) or 0.0
+    if busy > 10:
+        log(f"warning: the CPUs are {busy:.0f} % busy before {warning}")
+    return busy
+
+
 def busy_percent(before, after, cpus: list[int], column: int = 0) -> float | None:
     """Share of the CPUs' time that was busy (column 0) or in interrupts (column 2)."""
     busy = total = 0
@@ -2393,12 +2403,7 @@ def soak_main(args: argparse.Namespace, argv: list[str]) -> int:
     workers = args.worker_list[0]
     ncpu = os.cpu_count() or 1
     pcpus, lcpus = cpu_plan(workers, ncpu, args.proxy_cpus, args.load_cpus)
-    c0 = cpu_times()
-    time.sleep(1.0)
-    idle_busy = busy_percent(c0, cpu_times(), sorted(c0)) or 0.0
-    if idle_busy > 10:
-        log(f"warning: the CPUs are {idle_busy:.0f} % busy before the soak starts: other "
-            "programs are running")
+    idle_busy = busy_before_start("the soak starts: other programs are running")
     tmp = Path(tempfile.mkdtemp(prefix="gangway-soak-"))
     run_dir = tmp / "runs" / "soak"
     run_dir.mkdir(parents=True)
@@ -2604,12 +2609,8 @@ def main(argv: list[str]) -> int:
             scenario_ids.remove(s)
 
     ncpu = os.cpu_count() or 1
-    c0 = cpu_times()
-    time.sleep(1.0)
-    idle_busy = busy_percent(c0, cpu_times(), sorted(c0)) or 0.0
-    if idle_busy > 10:
-        log(f"warning: the CPUs are {idle_busy:.0f} % busy before the benchmark starts: other "
-            "programs are running and will distort the figures")
+    idle_busy = busy_before_start("the benchmark starts: other programs are running and "
+                                  "will distort the figures")
     fds = nofile_limit()
     if 6 in scenario_ids and fds < args.idle_conns + 2048:
         log(f"warning: open-files limit is {fds}; {args.idle_conns} idle connections plus "
