@@ -316,9 +316,9 @@ async fn idle_connections_are_parked_and_a_slow_response_is_not() {
     }
     wait_parked(&gw, N as u64).await;
 
-    // One connection waits 600 ms for its upstream: it must stay unparked meanwhile.
+    // One connection waits 1.5 s for its upstream: it must stay unparked meanwhile.
     let (slow, slow_buf) = &mut conns[0];
-    slow.write_all(get("/slow?ms=600").as_bytes())
+    slow.write_all(get("/slow?ms=1500").as_bytes())
         .await
         .unwrap();
     wait_parked(&gw, N as u64 - 1).await;
