@@ -263,6 +263,14 @@ def cpu_times() -> dict[int, tuple[int, int, int]]:
     return out
 
 
+def drop_tmp(args: argparse.Namespace, tmp: Path) -> None:
+    """Removes the run's temporary directory, unless --keep-tmp asks to keep it."""
+    if args.keep_tmp:
+        log(f"configs and logs kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def busy_before_start(warning: str) -> float:
     """How busy all CPUs are over 1 s; warns "... busy before WARNING" over 10 %."""
     c0 = cpu_times()
@@ -2464,10 +2472,7 @@ def soak_main(args: argparse.Namespace, argv: list[str]) -> int:
             if code != 0:
                 keep_failed_run(env, {"ok": False}, run_dir)
         finally:
-            if args.keep_tmp:
-                log(f"configs and logs kept in {tmp}")
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+            drop_tmp(args, tmp)
     if meta.get("error"):
         log(f"soak: could not run: {meta['error'].splitlines()[0]}")
     else:
@@ -2699,10 +2704,7 @@ def main(argv: list[str]) -> int:
                 if lg is not None:
                     print("\n".join(loadgen_markdown(meta, lg)), flush=True)
         finally:
-            if args.keep_tmp:
-                log(f"configs and logs kept in {tmp}")
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+            drop_tmp(args, tmp)
     if meta.get("fatal"):
         return 1
     return 130 if interrupted else 0
