@@ -345,6 +345,15 @@ async fn try_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> 
 /// `gangway run` over `up` on a port picked just before spawning; retried on a new port if
 /// another process took it first. Returns once the proxy answers through to `up`.
 async fn start_proxy(up: &Upstream, grace: &str) -> (Proc, SocketAddr, tempfile::TempDir) {
+    start_proxy_with(up, grace, None).await
+}
+
+/// [`start_proxy`] with `TOKIO_WORKER_THREADS` set to `workers`.
+async fn start_proxy_with(
+    up: &Upstream,
+    grace: &str,
+    workers: Option<&str>,
+) -> (Proc, SocketAddr, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gangway.yaml");
     for attempt in 1..=5 {
@@ -358,7 +367,11 @@ async fn start_proxy(up: &Upstream, grace: &str) -> (Proc, SocketAddr, tempfile:
             ),
         )
         .expect("write config");
-        let mut proc = Proc::spawn(gangway(&["run", "-c", path.to_str().unwrap()]));
+        let mut cmd = gangway(&["run", "-c", path.to_str().unwrap()]);
+        if let Some(n) = workers {
+            cmd.env("TOKIO_WORKER_THREADS", n);
+        }
+        let mut proc = Proc::spawn(cmd);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = proc.exited() {
@@ -412,8 +425,19 @@ async fn until_refused(addr: SocketAddr, limit: Duration) -> bool {
 
 #[tokio::test]
 async fn sigterm_drains_the_request_in_flight_then_exits_0() {
+    drains_in_flight_then_exits_0(None).await;
+}
+
+/// One worker runs on tokio's single-threaded scheduler (see main.rs): the same serving,
+/// draining and exit.
+#[tokio::test]
+async fn a_single_worker_drains_the_request_in_flight_then_exits_0() {
+    drains_in_flight_then_exits_0(Some("1")).await;
+}
+
+async fn drains_in_flight_then_exits_0(workers: Option<&str>) {
     let up = Upstream::start("drain-upstream").await;
-    let (mut proc, addr, _dir) = start_proxy(&up, "5s").await;
+    let (mut proc, addr, _dir) = start_proxy_with(&up, "5s", workers).await;
 
     let slow = tokio::spawn(try_get(addr, "/slow?ms=1500"));
     until_upstream_saw(&up, "/slow?ms=1500").await;
