@@ -348,6 +348,14 @@ class Procs:
             self.stop(p, grace=2.0)
 
 
+def tool_output(argv: list[str], p: subprocess.Popen, out_path: Path) -> str:
+    """What a finished load tool printed; an error when it exited with a failure."""
+    text = out_path.read_text(errors="replace")
+    if p.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited with status {p.returncode}: {text[-600:]}")
+    return text
+
+
 def run_tool(procs: Procs, argv: list[str], cpus: str, timeout: float, log_path: Path) -> str:
     """Runs a load generator to completion (bounded) and returns its output."""
     out_path = log_path.with_suffix(".out")
@@ -365,9 +373,7 @@ def run_tool(procs: Procs, argv: list[str], cpus: str, timeout: float, log_path:
         finally:
             if p in procs.live:
                 procs.live.remove(p)
-    text = out_path.read_text(errors="replace")
-    if p.returncode != 0:
-        raise RuntimeError(f"{argv[0]} exited with status {p.returncode}: {text[-600:]}")
+    text = tool_output(argv, p, out_path)
     return text
 
 
@@ -1018,6 +1024,12 @@ def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: 
     r[prefix + "rss_mib"] = round(rss / 1024, 1)
     r[prefix + "peak_rss_mib"] = round(hwm / 1024, 1)
     r[prefix + "processes"] = nproc
+    return judge_load(r, text, reqs)
+
+
+def judge_load(r: dict, text: str, reqs: int) -> dict:
+    """Keeps the load generator's output tail; a run fails with no request done or over 1 %
+    of them failed."""
     r["raw_output"] = text[-3000:]
     if reqs == 0:
         r["ok"] = False
@@ -1204,9 +1216,7 @@ def run_tool_cpu(procs: Procs, argv: list[str], cpus: str, timeout: float, log_p
     finally:
         if p in procs.live:
             procs.live.remove(p)
-    text = out_path.read_text(errors="replace")
-    if p.returncode != 0:
-        raise RuntimeError(f"{argv[0]} exited with status {p.returncode}: {text[-600:]}")
+    text = tool_output(argv, p, out_path)
     cpu = {"loadgen_cpu_s": round(cpu1 - cpu0, 3) if cpu1 is not None else None,
            "loadgen_cpu_s_rusage": round(ru.ru_utime + ru.ru_stime, 3)}
     return text, cpu
@@ -1305,14 +1315,7 @@ def measure_loadgen(env: Env, gen: str, target: str, proc, port: int, run_dir: P
             # where they are not in it): near 100 % means gangway was saturated.
             r["proxy_core_gangway_pct"] = round(min(busy, own + (irq if apart else 0.0)), 1)
             r["foreign_on_proxy_core_pct"] = round(busy - r["proxy_core_gangway_pct"], 1)
-    r["raw_output"] = text[-3000:]
-    if reqs == 0:
-        r["ok"] = False
-        r["error"] = "no request completed"
-    elif r.get("errors", 0) > 0.01 * reqs:
-        r["ok"] = False
-        r["error"] = f"{r['errors']} errors out of {reqs} requests"
-    return r
+    return judge_load(r, text, reqs)
 
 
 def one_loadgen_run(env: Env, gen: str, target: str, workers: int, rnd: int) -> dict:

@@ -23,6 +23,9 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the
 /// Proxy-* pair that RFC 2616 listed and proxies still strip).
+/// Where `Connection` stands in [`fixed_hop_by_hop`].
+const CONNECTION_AT: usize = 0;
+
 fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
     [
         &header::CONNECTION,
@@ -75,7 +78,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // `Connection: keep-alive` (or `close`) is what nearly every message carries: its tokens
     // name no header beyond the fixed ones, which the loop below removes anyway, so the
     // per-token hashed removals and the copy of the values are skipped.
-    let names_others = found[0]
+    let names_others = found[CONNECTION_AT]
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -600,6 +603,11 @@ mod tests {
         remove_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(get(&h, "x-kept"), Some("yes"));
+    }
+
+    #[test]
+    fn connection_is_where_connection_at_says() {
+        assert_eq!(fixed_hop_by_hop()[CONNECTION_AT], header::CONNECTION);
     }
 
     #[test]
