@@ -125,21 +125,30 @@ enum Command {
     },
 }
 
-/// The tokio runtime: as many workers as `TOKIO_WORKER_THREADS` says, else as CPUs gangway
-/// may use (cgroup limits included).
-///
-/// One worker gets tokio's single-threaded scheduler, whose run queue is one FIFO list: under
-/// hundreds of concurrent requests every task waits its turn. The multi-threaded scheduler
-/// with one worker spills tasks beyond its 256-slot local queue into a global queue that it
-/// visits rarely. In the benchmark (500 concurrent HTTP/2 streams), 10 % of requests then
-/// waited 30–55 ms (p99 50 ms against 11 ms), and it spent about 13 % more CPU per request.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
+/// How many workers: as `TOKIO_WORKER_THREADS` says, else as many as CPUs gangway may use
+/// (cgroup limits included).
+fn worker_count() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut builder = if workers == 1 {
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The tokio runtime of the main thread.
+///
+/// A serving command (`run`, `demo`) gets tokio's single-threaded scheduler on every worker
+/// (see `server::workers`): the main thread is worker 0 and the others are started beside
+/// it, each with its own runtime. Its run queue is one FIFO list: under hundreds of
+/// concurrent requests every task waits its turn. The multi-threaded scheduler spills tasks
+/// beyond a worker's 256-slot local queue into a global queue that it visits rarely; in the
+/// benchmark (500 concurrent HTTP/2 streams, one worker), 10 % of requests then waited
+/// 30–55 ms (p99 50 ms against 11 ms), and it spent about 13 % more CPU per request.
+///
+/// Other commands (`load` above all) use the multi-threaded scheduler when there are
+/// several CPUs.
+fn runtime(serving: bool, workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if serving || workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
@@ -149,7 +158,15 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match runtime() {
+    let workers = worker_count();
+    let serving = matches!(cli.command, Command::Run { .. } | Command::Demo { .. });
+    let started = runtime(serving, workers).and_then(|rt| {
+        if serving {
+            gangway::server::workers::start(workers)?;
+        }
+        Ok(rt)
+    });
+    let runtime = match started {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gangway: cannot start the runtime: {e}");

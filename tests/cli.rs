@@ -354,15 +354,29 @@ async fn start_proxy_with(
     grace: &str,
     workers: Option<&str>,
 ) -> (Proc, SocketAddr, tempfile::TempDir) {
+    let (proc, addr, _, dir) = start_proxy_admin(up, grace, workers, false).await;
+    (proc, addr, dir)
+}
+
+/// [`start_proxy_with`], with an admin listener when `admin` is set (its address is the
+/// third value).
+async fn start_proxy_admin(
+    up: &Upstream,
+    grace: &str,
+    workers: Option<&str>,
+    admin: bool,
+) -> (Proc, SocketAddr, Option<SocketAddr>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gangway.yaml");
     for attempt in 1..=5 {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin_addr = admin.then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let admin_yaml = admin_addr.map_or("off".to_owned(), |a| a.to_string());
         std::fs::write(
             &path,
             format!(
-                "listen: {{http: {addr}, admin: off}}\ntimeouts: {{grace: {grace}}}\naccess_log: off\n\
-                 sites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
+                "listen: {{http: {addr}, admin: {admin_yaml}}}\ntimeouts: {{grace: {grace}}}\n\
+                 access_log: off\nsites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
                 up.addr
             ),
         )
@@ -386,7 +400,7 @@ async fn start_proxy_with(
             if let Ok((200, body)) = try_get(addr, "/").await
                 && body == up.name
             {
-                return (proc, addr, dir);
+                return (proc, addr, admin_addr, dir);
             }
             assert!(
                 Instant::now() < deadline,
@@ -433,6 +447,76 @@ async fn sigterm_drains_the_request_in_flight_then_exits_0() {
 #[tokio::test]
 async fn a_single_worker_drains_the_request_in_flight_then_exits_0() {
     drains_in_flight_then_exits_0(Some("1")).await;
+}
+
+/// Several workers: connections are spread evenly over them, each worker keeps its own
+/// keep-alive connections upstream, and the admin endpoints show both.
+#[tokio::test]
+async fn three_workers_share_connections_evenly_and_each_keeps_its_upstream_connections() {
+    let up = Upstream::start("workers-upstream").await;
+    let (_proc, addr, admin, _dir) = start_proxy_admin(&up, "1s", Some("3"), true).await;
+    let admin = admin.expect("admin listener");
+    let status = || async move {
+        let (code, body) = try_get(admin, "/status").await.expect("GET /status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("status is JSON")
+    };
+    let open = |v: &serde_json::Value| -> Vec<i64> {
+        v["workers"]
+            .as_array()
+            .expect("status lists the workers")
+            .iter()
+            .map(|w| w["open"].as_i64().expect("open"))
+            .collect()
+    };
+    // The start-up probe's connection closes asynchronously: wait until nothing is open.
+    let idle = common::eventually(Duration::from_secs(5), || async {
+        open(&status().await) == vec![0, 0, 0]
+    })
+    .await;
+    assert!(idle, "connections still open: {}", status().await);
+    let accepted = |v: &serde_json::Value| -> u64 {
+        v["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| w["accepted"].as_u64().expect("accepted"))
+            .sum()
+    };
+    let before = accepted(&status().await);
+
+    // Six keep-alive clients; requests go one at a time, client after client.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(common::Client::connect(addr).await);
+    }
+    for round in 0..5 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            let got = c.get("app.test", &format!("/r{round}/c{i}")).await;
+            assert_eq!(got.status, 200);
+            assert_eq!(got.text(), "workers-upstream");
+        }
+    }
+    let now = status().await;
+    assert_eq!(open(&now), vec![2, 2, 2], "{now}");
+    assert_eq!(accepted(&now) - before, 6, "six clients accepted: {now}");
+    // Requests never overlapped, so each worker needed one upstream connection, kept alive
+    // for all its requests (the probe's worker reused the one it opened for the probe).
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(up.hits(), 31);
+
+    let (code, metrics) = try_get(admin, "/metrics").await.expect("GET /metrics");
+    assert_eq!(code, 200);
+    for w in 0..3 {
+        let line = format!("gangway_worker_connections{{worker=\"{w}\"}} 2\n");
+        assert!(metrics.contains(&line), "no {line:?} in:\n{metrics}");
+    }
+    drop(clients);
+    let closed = common::eventually(Duration::from_secs(5), || async {
+        open(&status().await) == vec![0, 0, 0]
+    })
+    .await;
+    assert!(closed, "closed clients still counted: {}", status().await);
 }
 
 async fn drains_in_flight_then_exits_0(workers: Option<&str>) {

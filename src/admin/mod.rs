@@ -174,6 +174,37 @@ pub fn metrics(g: &Generation, s: &ServerStats) -> String {
         "gangway_connections_parked {}",
         s.parked.load(Ordering::Relaxed)
     );
+    let loads = crate::server::workers::loads();
+    if !loads.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP gangway_worker_connections Client connections each worker thread serves now."
+        );
+        let _ = writeln!(out, "# TYPE gangway_worker_connections gauge");
+        for (i, w) in loads.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "gangway_worker_connections{{worker=\"{i}\"}} {}",
+                w.open
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP gangway_worker_connections_accepted_total Client connections given to each \
+             worker thread."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE gangway_worker_connections_accepted_total counter"
+        );
+        for (i, w) in loads.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "gangway_worker_connections_accepted_total{{worker=\"{i}\"}} {}",
+                w.accepted
+            );
+        }
+    }
     let _ = writeln!(out, "# TYPE gangway_requests_in_flight gauge");
     let _ = writeln!(
         out,
@@ -426,6 +457,10 @@ pub fn status(g: &Generation, s: &ServerStats) -> serde_json::Value {
             "websocket": s.websockets.load(Ordering::Relaxed),
             "parked": s.parked.load(Ordering::Relaxed),
         },
+        "workers": crate::server::workers::loads()
+            .iter()
+            .map(|w| serde_json::json!({ "open": w.open, "accepted": w.accepted }))
+            .collect::<Vec<_>>(),
         "reloads": { "ok": s.reloads_ok.load(Ordering::Relaxed), "failed": s.reloads_failed.load(Ordering::Relaxed) },
         "sites": sites,
         "certificates": certificates,

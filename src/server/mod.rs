@@ -1,6 +1,7 @@
 //! Listeners, accept loops, per-connection tasks and graceful shutdown.
 
 pub mod timed_io;
+pub mod workers;
 
 use crate::admin::{
     self,
@@ -414,8 +415,10 @@ async fn accept_loop(listener: TcpListener, https: bool, shared: Shared, stop: C
         };
         match accepted {
             Ok((stream, _peer)) => {
-                let conn = serve_connection(stream, https, shared.clone());
-                shared.tracker.spawn(conn);
+                let conn = shared.clone();
+                workers::dispatch(stream, &shared.tracker, move |stream| {
+                    serve_connection(stream, https, conn)
+                });
             }
             Err(e) => {
                 // Per-connection failures (reset before accept) are the client's problem;

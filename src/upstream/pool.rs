@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 /// Idle connections older than this are not reused (servers commonly close at 60–75 s).
 const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
-/// Idle connections kept per replica.
+/// Idle connections kept per replica and worker.
 const MAX_IDLE: usize = 256;
 
 /// What gangway sends upstream: the client's streamed body, or nothing (bodiless requests,
@@ -29,9 +29,20 @@ struct Idle {
     since: Instant,
 }
 
-#[derive(Default)]
+/// Idle connections, one list per worker thread: a connection's task runs on the worker
+/// that opened it, so only that worker takes it again (no request crosses threads).
 pub struct ConnPool {
-    idle: Mutex<Vec<Idle>>,
+    idle: Box<[Mutex<Vec<Idle>>]>,
+}
+
+impl Default for ConnPool {
+    fn default() -> Self {
+        ConnPool {
+            idle: (0..crate::server::workers::count())
+                .map(|_| Mutex::default())
+                .collect(),
+        }
+    }
 }
 
 /// Why no connection could be had.
@@ -53,10 +64,16 @@ impl std::fmt::Display for ConnectError {
 }
 
 impl ConnPool {
+    /// The calling worker's idle list.
+    fn mine(&self) -> &Mutex<Vec<Idle>> {
+        let last = self.idle.len().saturating_sub(1);
+        &self.idle[crate::server::workers::current().min(last)]
+    }
+
     /// An idle connection that is not known to be closed, if any. Call `ready()` on it.
     pub fn take_idle(&self) -> Option<Sender> {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
         while let Some(conn) = idle.pop() {
             if !conn.sender.is_closed() && now.duration_since(conn.since) < MAX_IDLE_AGE {
                 return Some(conn.sender);
@@ -72,7 +89,7 @@ impl ConnPool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
                 sender,

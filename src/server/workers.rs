@@ -1,0 +1,170 @@
+//! Worker threads: one single-threaded tokio runtime per core, each serving its own
+//! connections from accept to close, with its own pool of upstream connections.
+//!
+//! The thread that calls [`start`] is worker 0: its runtime also runs the accept loops, the
+//! admin endpoint and every background task (discovery, health checks, ACME). Workers 1..n
+//! are threads started here. An accepted connection goes to the worker serving the fewest
+//! connections, and stays there: its requests, its upstream connections and their timers
+//! never cross threads. Against tokio's multi-threaded scheduler this saves the work
+//! stealing, the cross-thread wake-ups between a request and its pooled upstream connection,
+//! and the atomics both need (see README, Performance).
+//!
+//! Without [`start`] (library users, tests) there is one worker, the current runtime.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tokio_util::task::TaskTracker;
+
+thread_local! {
+    /// The index of the worker this thread is (0 for any thread that is not a worker).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+static WORKERS: OnceLock<Workers> = OnceLock::new();
+
+/// The worker threads started by [`start`].
+pub struct Workers {
+    /// Runtimes of workers 1..n (worker 0 is the caller's).
+    handles: Vec<Handle>,
+    /// Per worker: connections open now, and accepted in all.
+    open: Box<[AtomicI64]>,
+    accepted: Box<[AtomicU64]>,
+    /// Where the search for the least busy worker starts, so ties rotate.
+    next: AtomicUsize,
+}
+
+/// What the admin endpoints show of one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerLoad {
+    pub open: i64,
+    pub accepted: u64,
+}
+
+/// Starts `n - 1` worker threads beside the calling one (which must run a tokio runtime
+/// and becomes worker 0). Call once, before any config is loaded (connection pools size
+/// themselves by [`count`]). A second call, or `n <= 1`, starts nothing.
+pub fn start(n: usize) -> std::io::Result<()> {
+    if n <= 1 || WORKERS.get().is_some() {
+        return Ok(());
+    }
+    let mut handles = Vec::with_capacity(n - 1);
+    for index in 1..n {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(runtime.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("gangway-worker-{index}"))
+            .spawn(move || {
+                WORKER.with(|w| w.set(index));
+                // Runs the tasks given to this worker until the process exits.
+                runtime.block_on(std::future::pending::<()>());
+            })?;
+    }
+    let workers = Workers {
+        handles,
+        open: (0..n).map(|_| AtomicI64::new(0)).collect(),
+        accepted: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        next: AtomicUsize::new(0),
+    };
+    let _ = WORKERS.set(workers);
+    Ok(())
+}
+
+/// How many workers serve connections (1 unless [`start`] started more).
+pub fn count() -> usize {
+    WORKERS.get().map_or(1, |w| w.open.len())
+}
+
+/// The worker the calling thread is; 0 outside worker threads.
+pub fn current() -> usize {
+    WORKER.with(Cell::get)
+}
+
+/// Each worker's connections, open and accepted (one entry without [`start`]).
+pub fn loads() -> Vec<WorkerLoad> {
+    match WORKERS.get() {
+        Some(w) => w
+            .open
+            .iter()
+            .zip(w.accepted.iter())
+            .map(|(o, a)| WorkerLoad {
+                open: o.load(Ordering::Relaxed),
+                accepted: a.load(Ordering::Relaxed),
+            })
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// Serves an accepted connection on the least busy worker: `serve` runs there, with the
+/// stream registered on that worker's runtime, tracked by `tracker` (the drain waits for it).
+/// Without workers it runs on the current runtime.
+pub fn dispatch<F, Fut>(stream: TcpStream, tracker: &TaskTracker, serve: F)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(workers) = WORKERS.get() else {
+        tracker.spawn(serve(stream));
+        return;
+    };
+    let index = workers.least_busy();
+    workers.open[index].fetch_add(1, Ordering::Relaxed);
+    workers.accepted[index].fetch_add(1, Ordering::Relaxed);
+    let done = OpenGuard(&workers.open[index]);
+    if index == current() {
+        tracker.spawn(async move {
+            let _done = done;
+            serve(stream).await
+        });
+        return;
+    }
+    // The stream is registered with this thread's reactor; the worker registers it anew.
+    let std_stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot hand a connection to a worker");
+            return;
+        }
+    };
+    let moved = tracker.track_future(async move {
+        let _done = done;
+        match TcpStream::from_std(std_stream) {
+            Ok(stream) => serve(stream).await,
+            Err(e) => tracing::debug!(error = %e, "worker cannot register a connection"),
+        }
+    });
+    workers.handles[index - 1].spawn(moved);
+}
+
+impl Workers {
+    /// The worker with the fewest open connections; ties go round-robin.
+    fn least_busy(&self) -> usize {
+        let n = self.open.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best = start;
+        let mut best_open = i64::MAX;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let open = self.open[i].load(Ordering::Relaxed);
+            if open < best_open {
+                best = i;
+                best_open = open;
+            }
+        }
+        best
+    }
+}
+
+/// Decrements a worker's open-connection count when the connection's task ends.
+struct OpenGuard(&'static AtomicI64);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
