@@ -20,6 +20,10 @@ struct Entry {
     key: Pos,
     /// Where the value starts.
     value: Pos,
+    /// Character offsets of the key (or item) start, of the value's start and of its end.
+    start: usize,
+    value_start: usize,
+    end: usize,
 }
 
 /// Positions of every node of a YAML document, by key path.
@@ -33,8 +37,8 @@ pub struct Locator {
 enum Frame {
     Mapping {
         path: String,
-        /// The key just read, waiting for its value.
-        key: Option<(String, Pos)>,
+        /// The key just read (text, position, character offset), waiting for its value.
+        key: Option<(String, Pos, usize)>,
         /// Depth of a complex (non-scalar) key being skipped.
         skipping_key: usize,
     },
@@ -64,6 +68,7 @@ impl Locator {
                 line: span.start.line(),
                 col: span.start.col() + 1,
             };
+            let (start, end) = (span.start.index(), span.end.index());
             let is_start = matches!(event, Event::MappingStart(..) | Event::SequenceStart(..));
             let is_end = matches!(event, Event::MappingEnd | Event::SequenceEnd);
             let is_node = is_start || matches!(event, Event::Scalar(..) | Event::Alias(..));
@@ -81,13 +86,19 @@ impl Locator {
                     if *skipping_key == 0 {
                         // The value that follows belongs to the complex key: give it a
                         // placeholder name so it is not taken for the next key.
-                        *key = Some(("?".to_owned(), pos));
+                        *key = Some(("?".to_owned(), pos, start));
                     }
                 }
                 continue;
             }
             if is_end {
-                stack.pop();
+                // A collection's entry ends where its end event does.
+                if let Some(Frame::Mapping { path, .. } | Frame::Sequence { path, .. }) =
+                    stack.pop()
+                    && let Some(entry) = loc.entries.get_mut(&path)
+                {
+                    entry.end = end;
+                }
                 continue;
             }
             if !is_node {
@@ -104,6 +115,9 @@ impl Locator {
                         Entry {
                             key: pos,
                             value: pos,
+                            start,
+                            value_start: start,
+                            end,
                         },
                     );
                     Some(p)
@@ -118,19 +132,22 @@ impl Locator {
                             // A key's own position belongs to its path too, so an error
                             // at a key (duplicate, unknown) maps back to that key.
                             loc.ordered.push((pos, join_key(path, text)));
-                            *key = Some((text.to_string(), pos));
+                            *key = Some((text.to_string(), pos, start));
                         } else if is_start {
                             *skipping_key = 1;
                         }
                         None
                     }
-                    Some((k, key_pos)) => {
+                    Some((k, key_pos, key_start)) => {
                         let p = join_key(path, &k);
                         loc.entries.insert(
                             p.clone(),
                             Entry {
                                 key: key_pos,
                                 value: pos,
+                                start: key_start,
+                                value_start: start,
+                                end,
                             },
                         );
                         Some(p)
@@ -160,6 +177,22 @@ impl Locator {
     /// Where the key at `path` starts (the place for "this key is unknown").
     pub fn key(&self, path: &str) -> Option<Pos> {
         self.entries.get(path).map(|e| e.key)
+    }
+
+    /// Character offsets from the start of the key (or sequence item) at `path` to the
+    /// end of its value.
+    pub fn extent(&self, path: &str) -> Option<(usize, usize)> {
+        self.entries
+            .get(path)
+            .map(|e| (e.start, e.end))
+            .filter(|(s, e)| s < e)
+    }
+
+    /// Character offsets of the value at `path`: from its start to its end.
+    pub fn value_extent(&self, path: &str) -> Option<(usize, usize)> {
+        self.entries
+            .get(path)
+            .map(|e| (e.value_start, e.end.max(e.value_start)))
     }
 
     /// The deepest node starting at or before `pos`: the key path an error position belongs to.
@@ -205,6 +238,24 @@ mod tests {
             Some("sites[0].routes[0].path")
         );
         assert_eq!(loc.path_at(Pos { line: 2, col: 12 }), Some("listen.http"));
+    }
+
+    #[test]
+    fn extents_cover_key_and_value() {
+        let doc = "listen:\n  http: 0.0.0.0:80\n  admin: {a: 1, b: [x]}\nsites:\n  - hosts: [a.com]\n    health:\n      path: /h\n      interval: \"5s\"\nnext: 1\n";
+        let loc = Locator::new(doc);
+        let text = |path: &str| {
+            let (s, e) = loc.extent(path).expect(path);
+            doc.chars().skip(s).take(e - s).collect::<String>()
+        };
+        assert_eq!(text("listen.http"), "http: 0.0.0.0:80");
+        assert_eq!(text("listen.admin"), "admin: {a: 1, b: [x]}");
+        assert_eq!(text("sites[0].hosts[0]"), "a.com");
+        assert_eq!(text("sites[0].health.interval"), "interval: \"5s\"");
+        assert!(text("sites[0].health").starts_with("health:\n      path: /h"));
+        assert!(!text("sites[0].health").contains("next"));
+        assert!(!text("sites").contains("next"));
+        assert_eq!(text("next"), "next: 1");
     }
 
     #[test]

@@ -163,17 +163,77 @@ fn path_of(p: &serde_ignored::Path<'_>) -> String {
     }
 }
 
+/// Type errors reported at most per file: each costs one more parse.
+const MAX_TYPE_ERRORS: usize = 50;
+
 /// Parses and validates; returns every issue found.
+///
+/// serde stops at the first value of the wrong type. To report the others in the same run,
+/// the entry at fault is blanked (replaced by spaces, so every position stays where it was)
+/// and the text parsed again, until it parses. An entry whose blank does not fit either (an
+/// item of a list) blanks its parent instead. Problems the blanks themselves cause (a
+/// missing key) are not reported.
 pub fn parse(text: &str) -> Result<Config, Vec<Issue>> {
     let loc = Locator::new(text);
-    let mut unknown: Vec<String> = Vec::new();
-    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
-        serde_ignored::deserialize(de, |path| unknown.push(path_of(&path)))
-    });
     let mut c = Checker {
         loc: &loc,
         issues: Vec::new(),
         resolve_every: Duration::from_secs(5),
+    };
+    let mut source: Option<String> = None;
+    let mut blanked: Vec<String> = Vec::new();
+    let (parsed, unknown) = loop {
+        let mut unknown: Vec<String> = Vec::new();
+        let parsed =
+            serde_saphyr::with_deserializer_from_str(source.as_deref().unwrap_or(text), |de| {
+                serde_ignored::deserialize(de, |path| unknown.push(path_of(&path)))
+            });
+        let e = match parsed {
+            Ok(raw) => break (Some(raw), unknown),
+            Err(e) => e,
+        };
+        let pos = e.location().map(|l| Pos {
+            line: l.line() as usize,
+            col: l.column() as usize,
+        });
+        let path = pos
+            .and_then(|p| loc.path_at(p))
+            .unwrap_or_default()
+            .to_owned();
+        // Not reported: an error inside what was blanked, or about a value that blanking
+        // emptied (a mapping whose only key was blanked).
+        let emptied = source.as_deref().is_some_and(|now| {
+            loc.value_extent(&path).is_some_and(|(start, end)| {
+                let blank = |t: &str| {
+                    t.chars()
+                        .skip(start)
+                        .take(end - start)
+                        .all(char::is_whitespace)
+                };
+                blank(now) && !blank(text)
+            })
+        });
+        if !emptied && !blanked.iter().any(|b| is_within(&path, b)) {
+            c.issues.push(Issue {
+                pos,
+                path: path.clone(),
+                message: first_line(&e.to_string()),
+            });
+        }
+        // The entry to blank: the one at fault, else the nearest ancestor not yet blanked.
+        let mut target = path.as_str();
+        while blanked.iter().any(|b| b == target) {
+            target = parent_path(target);
+        }
+        match loc.extent(target) {
+            Some((start, end)) if !target.is_empty() && blanked.len() < MAX_TYPE_ERRORS => {
+                let blank = blank_chars(source.as_deref().unwrap_or(text), start, end);
+                source = Some(blank);
+                blanked.push(target.to_owned());
+            }
+            // A syntax error, or no entry to blank: nothing further can be read.
+            _ => break (None, unknown),
+        }
     };
     for path in &unknown {
         let pos = loc.key(path);
@@ -183,32 +243,60 @@ pub fn parse(text: &str) -> Result<Config, Vec<Issue>> {
             message: "unknown key".into(),
         });
     }
-    let raw: RawConfig = match parsed {
-        Ok(raw) => raw,
-        Err(e) => {
-            let pos = e.location().map(|l| Pos {
-                line: l.line() as usize,
-                col: l.column() as usize,
-            });
-            let path = pos
-                .and_then(|p| loc.path_at(p))
-                .unwrap_or_default()
-                .to_owned();
-            c.issues.push(Issue {
-                pos,
-                path,
-                message: first_line(&e.to_string()),
-            });
-            return Err(c.issues);
-        }
+    let Some(raw) = parsed else {
+        c.issues.sort_by_key(|i| i.pos);
+        return Err(c.issues);
     };
+    let before = c.issues.len();
     let config = check(&mut c, raw);
+    if !blanked.is_empty() {
+        // What was blanked is missing now; its own error was reported instead.
+        let semantic = c.issues.split_off(before);
+        c.issues.extend(
+            semantic
+                .into_iter()
+                .filter(|i| !blanked.iter().any(|b| is_within(b, &i.path))),
+        );
+    }
     if c.issues.is_empty() {
         Ok(config)
     } else {
         c.issues.sort_by_key(|i| i.pos);
         Err(c.issues)
     }
+}
+
+/// Whether `path` is `ancestor` or lies inside it (`sites[0].hosts` is within `sites`, within
+/// `sites[0]` and within the root, the empty path).
+fn is_within(path: &str, ancestor: &str) -> bool {
+    ancestor.is_empty()
+        || path == ancestor
+        || path
+            .strip_prefix(ancestor)
+            .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+}
+
+/// `sites[0].hosts[1]` → `sites[0].hosts` → `sites[0]` → `sites` → ``.
+fn parent_path(path: &str) -> &str {
+    match path.rfind(['.', '[']) {
+        Some(i) => &path[..i],
+        None => "",
+    }
+}
+
+/// `text` with the characters from `start` to `end` (character offsets) replaced by spaces,
+/// line breaks kept: every other position in the text stays where it was.
+fn blank_chars(text: &str, start: usize, end: usize) -> String {
+    text.chars()
+        .enumerate()
+        .map(|(i, ch)| {
+            if (start..end).contains(&i) && ch != '\n' && ch != '\r' {
+                ' '
+            } else {
+                ch
+            }
+        })
+        .collect()
 }
 
 /// serde-saphyr's message is "error: line L column C: message" plus a snippet; we print our
@@ -221,8 +309,17 @@ fn first_line(msg: &str) -> String {
         _ => line,
     };
     // A hint for developers embedding the parser, not for someone editing a config.
-    line.trim_end_matches(", set DuplicateKeyPolicy in Options if acceptable")
-        .to_owned()
+    let line = line.trim_end_matches(", set DuplicateKeyPolicy in Options if acceptable");
+    // The parser's words for the common type errors, in the words of someone editing YAML.
+    match line {
+        "expected string scalar" => "expected text, found a list or mapping",
+        "expected sequence start" => "expected a list, such as [a, b] or - items",
+        "expected mapping start" => "expected a mapping of keys to values",
+        "invalid boolean" => "expected true or false",
+        "invalid u32" | "invalid u64" | "invalid u16" => "expected a whole number, 0 or more",
+        other => other,
+    }
+    .to_owned()
 }
 
 fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
@@ -1059,7 +1156,52 @@ sites:
             vec!["3:5 sites[0].hosts: duplicate mapping key: hosts"]
         );
         let got = issues("listen:\n  http: :80\nlisten:\n  http: :81\nsites: []\n");
-        assert_eq!(got, vec!["3:1 listen: duplicate mapping key: listen"]);
+        // The duplicate is set aside and the rest still checked: `sites: []` is wrong too.
+        assert_eq!(
+            got,
+            vec![
+                "3:1 listen: duplicate mapping key: listen",
+                "5:1 sites: expected at least one site"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_type_error_is_listed_with_the_other_problems() {
+        let got = issues(
+            "listen:\n  http: [1, 2]\nreplica_header: maybe\ntimeouts:\n  grace: {a: 1}\n  \
+             client_idle: 5x\nsites:\n  - hosts: [a.example, {x: 1}]\n    upstreams: [app:8000]\n    \
+             health:\n      healthy_after: lots\n  - hosts: b.example\n    upstreams: [app]\n    \
+             retries: {attempts: -1}\n    typo_key: 1\n",
+        );
+        let paths: Vec<&str> = got
+            .iter()
+            .map(|i| i.split(' ').nth(1).unwrap_or_default())
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                "listen.http:",
+                "replica_header:",
+                "timeouts.grace:",
+                "timeouts.client_idle:",
+                "sites[0].hosts[1]:",
+                "sites[0].health.healthy_after:",
+                "sites[1].hosts:",
+                "sites[1].upstreams[0]:",
+                "sites[1].retries.attempts:",
+                "sites[1].typo_key:",
+            ],
+            "{got:#?}"
+        );
+        assert_eq!(
+            got[0],
+            "2:9 listen.http: expected text, found a list or mapping"
+        );
+        assert_eq!(
+            got[6],
+            "12:12 sites[1].hosts: expected a list, such as [a, b] or - items"
+        );
     }
 
     #[test]
