@@ -515,3 +515,62 @@ async fn a_changed_listen_address_is_rebound_and_the_old_one_drains() {
         "the request on the old listener finished"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_admin_address_is_rebound_and_admin_off_closes_it() {
+    let a = Upstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gangway.yaml");
+    let with_admin = |admin: &str| {
+        format!(
+            "listen: {{http: \"127.0.0.1:0\", admin: \"{admin}\"}}\n{}",
+            yaml_for(&[&a], "")
+        )
+    };
+    write_config(&path, &with_admin("127.0.0.1:0"));
+    let gw = Gangway::start_reloading(
+        &path,
+        Gangway::static_resolver(),
+        Arc::new(tokio::sync::Notify::new()),
+    )
+    .await;
+    let old_admin = gw.admin_addr.expect("admin listener");
+    assert_eq!(get(old_admin, "admin", "/healthz").await.status, 200);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let new_admin: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    write_config(&path, &with_admin(&new_admin.to_string()));
+    let moved = eventually(Duration::from_secs(5), || async {
+        match tokio::net::TcpStream::connect(new_admin).await {
+            Ok(_) => get(new_admin, "admin", "/healthz").await.status == 200,
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(moved, "the admin endpoint never served on its new address");
+    let closed = eventually(Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(old_admin).await.is_err()
+    })
+    .await;
+    assert!(closed, "the old admin listener still accepts");
+    // The proxy itself never stopped serving.
+    assert_eq!(get(gw.addr, "app.test", "/").await.text(), "a");
+
+    write_config(
+        &path,
+        &format!(
+            "listen: {{http: \"127.0.0.1:0\", admin: off}}\n{}",
+            yaml_for(&[&a], "")
+        ),
+    );
+    let off = eventually(Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(new_admin).await.is_err()
+    })
+    .await;
+    assert!(off, "admin: off left the admin endpoint listening");
+    assert_eq!(get(gw.addr, "app.test", "/").await.text(), "a");
+}

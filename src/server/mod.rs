@@ -153,6 +153,14 @@ struct Endpoint {
     stop: CancellationToken,
 }
 
+/// The running admin endpoint, if any.
+struct AdminEndpoint {
+    /// `listen.admin` as configured (what a reload compares).
+    configured: Option<SocketAddr>,
+    /// Stops its accept loop (none: the endpoint is off).
+    stop: Option<CancellationToken>,
+}
+
 /// Everything the accept loops share.
 #[derive(Clone)]
 struct Shared {
@@ -175,6 +183,20 @@ impl Shared {
         }
         tokio::spawn(accept_loop(listener, https, self.clone(), stop.clone()));
         Endpoint { configured, stop }
+    }
+}
+
+impl Shared {
+    /// Serves the admin endpoints on `listener` until the returned token is cancelled.
+    fn start_admin(&self, listener: TcpListener) -> CancellationToken {
+        let stop = CancellationToken::new();
+        tokio::spawn(admin::serve(
+            listener,
+            Arc::clone(&self.state),
+            Arc::clone(&self.stats),
+            stop.clone(),
+        ));
+        stop
     }
 }
 
@@ -203,7 +225,8 @@ pub async fn run_with_reload(
         Some(l) => Some(l.local_addr()?.port()),
         None => None,
     };
-    let (cfg_http, cfg_https) = (config.listen.http, config.listen.https);
+    let (cfg_http, cfg_https, cfg_admin) =
+        (config.listen.http, config.listen.https, config.listen.admin);
     let stats = Arc::new(ServerStats::default());
     let generation =
         build_generation(config, https_port, &resolver, None, &shutdown, &stats).await?;
@@ -216,15 +239,10 @@ pub async fn run_with_reload(
         stats: Arc::clone(&stats),
     };
     // The admin listener outlives the drain, so health checks see it.
-    let admin_stop = CancellationToken::new();
-    if let Some(admin) = listeners.admin {
-        tokio::spawn(admin::serve(
-            admin,
-            Arc::clone(&shared.state),
-            Arc::clone(&stats),
-            admin_stop.clone(),
-        ));
-    }
+    let mut admin = AdminEndpoint {
+        configured: cfg_admin,
+        stop: listeners.admin.map(|l| shared.start_admin(l)),
+    };
     let mut http = shared.start(listeners.http, cfg_http, false);
     let mut https = match (listeners.https, cfg_https) {
         (Some(l), Some(addr)) => Some(shared.start(l, addr, true)),
@@ -267,6 +285,7 @@ pub async fn run_with_reload(
                 &resolver,
                 &mut http,
                 &mut https,
+                &mut admin,
                 &mut https_port,
             )
             .await
@@ -306,7 +325,9 @@ pub async fn run_with_reload(
         );
     }
     shared.state.load().stop.cancel();
-    admin_stop.cancel();
+    if let Some(stop) = admin.stop {
+        stop.cancel();
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -319,8 +340,15 @@ async fn reload_to(
     resolver: &Arc<dyn Resolve>,
     http: &mut Endpoint,
     https: &mut Option<Endpoint>,
+    admin: &mut AdminEndpoint,
     https_port: &mut Option<u16>,
 ) -> io::Result<()> {
+    // Some(new listener, or None to turn the admin endpoint off) when it moves.
+    let new_admin = match config.listen.admin {
+        addr if addr == admin.configured => None,
+        Some(addr) => Some(Some(bind(addr).await?)),
+        None => Some(None),
+    };
     let new_http = if config.listen.http != http.configured {
         Some(bind(config.listen.http).await?)
     } else {
@@ -346,13 +374,21 @@ async fn reload_to(
         &shared.stats,
     )
     .await?;
-    let (cfg_http, cfg_https) = (
+    let (cfg_http, cfg_https, cfg_admin) = (
         generation.config.listen.http,
         generation.config.listen.https,
+        generation.config.listen.admin,
     );
     shared.state.store(Arc::new(generation));
     old.stop.cancel();
     *https_port = port;
+    if let Some(listener) = new_admin {
+        if let Some(old) = admin.stop.take() {
+            old.cancel();
+        }
+        admin.stop = listener.map(|l| shared.start_admin(l));
+        admin.configured = cfg_admin;
+    }
     if let Some(l) = new_http {
         http.stop.cancel();
         *http = shared.start(l, cfg_http, false);
