@@ -219,17 +219,36 @@ fn main() -> ExitCode {
     })
 }
 
-fn init_logging(format: AccessLog) {
+/// Log lines (access log included) queued before a worker thread waits for the writer.
+const LOG_QUEUE_LINES: usize = 64 * 1024;
+
+/// Logs to stdout from a thread of its own: a worker thread formats a line and queues it,
+/// and never blocks on a slow reader of stdout (a full pipe to the container runtime) until
+/// `LOG_QUEUE_LINES` lines wait. The writer thread takes every line queued and writes them
+/// with one system call. No line is dropped; the returned guard writes what is left when
+/// gangway exits.
+fn init_logging(format: AccessLog) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("gangway-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+        .with_ansi(ansi)
+        .with_writer(writer);
     if format == AccessLog::Json {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
     }
+    guard
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {
@@ -291,7 +310,7 @@ async fn run(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
-    init_logging(config.access_log);
+    let _log = init_logging(config.access_log);
     let listeners = match Listeners::bind(&config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -622,7 +641,7 @@ async fn demo(
     storage: Option<PathBuf>,
     n: usize,
 ) -> ExitCode {
-    init_logging(AccessLog::Text);
+    let _log = init_logging(AccessLog::Text);
     let stop = shutdown_on_signal();
     let storage = storage.unwrap_or_else(|| match std::env::var_os("HOME") {
         Some(home) => PathBuf::from(home).join(".local/share/gangway-demo"),

@@ -845,3 +845,45 @@ async fn the_combined_access_log_is_the_classic_format() {
         "{line}"
     );
 }
+
+/// The access log is written from a thread of its own; no line may be lost, not even the
+/// ones still queued when SIGTERM comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_logged_even_right_before_sigterm() {
+    let up = Upstream::start("many").await;
+    let (mut proc, addr, _dir) = start_logging_proxy(&up, "access_log: json").await;
+    let mut tasks = Vec::new();
+    for c in 0..20 {
+        tasks.push(tokio::spawn(async move {
+            let mut client = common::Client::connect(addr).await;
+            for i in 0..100 {
+                let got = client.get("app.test", &format!("/n/{c}/{i}")).await;
+                assert_eq!(got.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client");
+    }
+    proc.sigterm();
+    let status = proc
+        .wait_until_async(Duration::from_secs(10))
+        .await
+        .expect("gangway exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "stderr: {}", proc.stderr());
+    let mut paths: Vec<String> = proc
+        .stdout()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access")
+        .filter_map(|v| v["path"].as_str().map(str::to_owned))
+        .filter(|p| p.starts_with("/n/"))
+        .collect();
+    paths.sort();
+    let mut expected: Vec<String> = (0..20)
+        .flat_map(|c| (0..100).map(move |i| format!("/n/{c}/{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(paths.len(), 2000, "access log lines for 2000 requests");
+    assert_eq!(paths, expected);
+}

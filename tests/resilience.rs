@@ -347,6 +347,13 @@ async fn all_replicas_down_is_a_503_with_retry_after() {
     assert_eq!(got.headers.get("retry-after").unwrap(), "1");
 }
 
+/// A loopback address that was free a moment ago (for a listener gangway binds itself).
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
 fn write_config(path: &std::path::Path, yaml: &str) {
     // Replace by rename, as compose and Kubernetes do.
     let tmp = path.with_extension("tmp");
@@ -489,12 +496,7 @@ async fn a_changed_listen_address_is_rebound_and_the_old_one_drains() {
     let slow = tokio::spawn(get(gw.addr, "app.test", "/slow?ms=1500"));
     assert!(eventually(Duration::from_secs(5), || async { a.hits() == 2 }).await);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let new_addr = free_addr();
     write_config(&path, &with_listen(&new_addr.to_string()));
     let moved = eventually(Duration::from_secs(5), || async {
         match tokio::net::TcpStream::connect(new_addr).await {
@@ -537,12 +539,7 @@ async fn a_changed_admin_address_is_rebound_and_admin_off_closes_it() {
     let old_admin = gw.admin_addr.expect("admin listener");
     assert_eq!(get(old_admin, "admin", "/healthz").await.status, 200);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let new_admin: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let new_admin = free_addr();
     write_config(&path, &with_admin(&new_admin.to_string()));
     let moved = eventually(Duration::from_secs(5), || async {
         match tokio::net::TcpStream::connect(new_admin).await {
