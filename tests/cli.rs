@@ -449,6 +449,12 @@ async fn a_single_worker_drains_the_request_in_flight_then_exits_0() {
     drains_in_flight_then_exits_0(Some("1")).await;
 }
 
+/// With two workers the drain waits for requests on either worker.
+#[tokio::test]
+async fn two_workers_drain_the_request_in_flight_then_exit_0() {
+    drains_in_flight_then_exits_0(Some("2")).await;
+}
+
 /// Several workers: connections are spread evenly over them, each worker keeps its own
 /// keep-alive connections upstream, and the admin endpoints show both.
 #[tokio::test]
@@ -523,8 +529,13 @@ async fn drains_in_flight_then_exits_0(workers: Option<&str>) {
     let up = Upstream::start("drain-upstream").await;
     let (mut proc, addr, _dir) = start_proxy_with(&up, "5s", workers).await;
 
+    // Two at once: with several workers they go to the least busy ones, so the drain is
+    // seen on more than the main thread (unless the start-up probe's connection is still
+    // open on one of them).
     let slow = tokio::spawn(try_get(addr, "/slow?ms=1500"));
+    let other = tokio::spawn(try_get(addr, "/slow?ms=1500&other"));
     until_upstream_saw(&up, "/slow?ms=1500").await;
+    until_upstream_saw(&up, "/slow?ms=1500&other").await;
     let signalled = Instant::now();
     proc.sigterm();
 
@@ -540,6 +551,11 @@ async fn drains_in_flight_then_exits_0(workers: Option<&str>) {
     let got = tokio::time::timeout(Duration::from_secs(10), slow)
         .await
         .expect("slow request finished")
+        .expect("task");
+    assert_eq!(got, Ok((200, "drain-upstream".to_owned())));
+    let got = tokio::time::timeout(Duration::from_secs(10), other)
+        .await
+        .expect("the other slow request finished")
         .expect("task");
     assert_eq!(got, Ok((200, "drain-upstream".to_owned())));
 
