@@ -366,6 +366,19 @@ async fn start_proxy_admin(
     workers: Option<&str>,
     admin: bool,
 ) -> (Proc, SocketAddr, Option<SocketAddr>, tempfile::TempDir) {
+    start_proxy_over(up.addr, "", &up.name, grace, workers, admin).await
+}
+
+/// `gangway run` with one catch-all site over `upstream` (plus `site_extra` YAML lines in
+/// the site); ready once `/` answers 200 with `ready_body`.
+async fn start_proxy_over(
+    upstream: SocketAddr,
+    site_extra: &str,
+    ready_body: &str,
+    grace: &str,
+    workers: Option<&str>,
+    admin: bool,
+) -> (Proc, SocketAddr, Option<SocketAddr>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gangway.yaml");
     for attempt in 1..=5 {
@@ -376,8 +389,8 @@ async fn start_proxy_admin(
             &path,
             format!(
                 "listen: {{http: {addr}, admin: {admin_yaml}}}\ntimeouts: {{grace: {grace}}}\n\
-                 access_log: off\nsites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
-                up.addr
+                 access_log: off\nsites:\n  - hosts: [\"*\"]\n    upstreams: [{upstream}]\n\
+                 {site_extra}"
             ),
         )
         .expect("write config");
@@ -398,7 +411,7 @@ async fn start_proxy_admin(
                 break;
             }
             if let Ok((200, body)) = try_get(addr, "/").await
-                && body == up.name
+                && body == ready_body
             {
                 return (proc, addr, admin_addr, dir);
             }
@@ -523,6 +536,38 @@ async fn three_workers_share_connections_evenly_and_each_keeps_its_upstream_conn
     })
     .await;
     assert!(closed, "closed clients still counted: {}", status().await);
+}
+
+/// An h2c upstream gets one multiplexed connection per worker, used only by that worker.
+#[tokio::test]
+async fn two_workers_each_keep_one_h2c_connection_upstream() {
+    let up = common::H2cUpstream::start().await;
+    let (_proc, addr, _, _dir) = start_proxy_over(
+        up.addr,
+        "    upstream_protocol: h2c\n",
+        "HTTP/2.0 app.test /",
+        "1s",
+        Some("2"),
+        false,
+    )
+    .await;
+    // Four clients at once: the least busy worker gets each, two per worker.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(common::Client::connect(addr).await);
+    }
+    for round in 0..5 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            let got = c.get("app.test", &format!("/h2c/{round}/{i}")).await;
+            assert_eq!(got.status, 200);
+            assert_eq!(got.text(), format!("HTTP/2.0 app.test /h2c/{round}/{i}"));
+        }
+    }
+    assert_eq!(
+        up.connections.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one h2c connection per worker"
+    );
 }
 
 async fn drains_in_flight_then_exits_0(workers: Option<&str>) {

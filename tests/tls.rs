@@ -498,34 +498,9 @@ sites:
 
 #[tokio::test]
 async fn h2c_upstreams_get_http2() {
-    use hyper::service::service_fn;
     // An h2c-only upstream that reports the protocol version it was spoken to in.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let conns2 = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            conns2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let body = format!(
-                        "{:?} {} {}",
-                        req.version(),
-                        req.uri().authority().map(|a| a.as_str()).unwrap_or("-"),
-                        req.uri().path()
-                    );
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(Bytes::from(body)),
-                    ))
-                });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-            });
-        }
-    });
+    let up = H2cUpstream::start().await;
+    let (addr, conns) = (up.addr, up.connections.clone());
     let yaml = format!(
         "sites:\n  - hosts: [\"*\"]\n    upstream_protocol: h2c\n    upstreams: [{addr}]\n"
     );

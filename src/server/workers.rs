@@ -84,6 +84,25 @@ pub fn current() -> usize {
     WORKER.with(Cell::get)
 }
 
+/// One `T` per worker, each used only by its worker thread (so its lock, if any, is never
+/// contended). Sized by [`count`] when created.
+pub struct PerWorker<T>(Box<[T]>);
+
+impl<T: Default> Default for PerWorker<T> {
+    fn default() -> Self {
+        PerWorker((0..count()).map(|_| T::default()).collect())
+    }
+}
+
+impl<T> PerWorker<T> {
+    /// The calling worker's `T` (the last one for a thread beyond the count, which only
+    /// happens for values created before [`start`]).
+    pub fn mine(&self) -> &T {
+        let last = self.0.len().saturating_sub(1);
+        &self.0[current().min(last)]
+    }
+}
+
 /// Each worker's connections, open and accepted (one entry without [`start`]).
 pub fn loads() -> Vec<WorkerLoad> {
     match WORKERS.get() {

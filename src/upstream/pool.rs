@@ -4,6 +4,7 @@
 //! read to its end (see [`PooledConn`]); a connection whose body was abandoned is closed, never
 //! reused half-read. The lock is a plain mutex held for a push or a pop, never across `.await`.
 
+use crate::server::workers::PerWorker;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -31,18 +32,9 @@ struct Idle {
 
 /// Idle connections, one list per worker thread: a connection's task runs on the worker
 /// that opened it, so only that worker takes it again (no request crosses threads).
+#[derive(Default)]
 pub struct ConnPool {
-    idle: Box<[Mutex<Vec<Idle>>]>,
-}
-
-impl Default for ConnPool {
-    fn default() -> Self {
-        ConnPool {
-            idle: (0..crate::server::workers::count())
-                .map(|_| Mutex::default())
-                .collect(),
-        }
-    }
+    idle: PerWorker<Mutex<Vec<Idle>>>,
 }
 
 /// Why no connection could be had.
@@ -64,16 +56,10 @@ impl std::fmt::Display for ConnectError {
 }
 
 impl ConnPool {
-    /// The calling worker's idle list.
-    fn mine(&self) -> &Mutex<Vec<Idle>> {
-        let last = self.idle.len().saturating_sub(1);
-        &self.idle[crate::server::workers::current().min(last)]
-    }
-
     /// An idle connection that is not known to be closed, if any. Call `ready()` on it.
     pub fn take_idle(&self) -> Option<Sender> {
         let now = Instant::now();
-        let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
         while let Some(conn) = idle.pop() {
             if !conn.sender.is_closed() && now.duration_since(conn.since) < MAX_IDLE_AGE {
                 return Some(conn.sender);
@@ -89,7 +75,7 @@ impl ConnPool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
                 sender,
@@ -117,19 +103,20 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, Conn
 
 pub type H2Sender = http2::SendRequest<ReqBody>;
 
-/// The one multiplexed HTTP/2 (h2c) connection to a replica, for `upstream_protocol: h2c`.
+/// The multiplexed HTTP/2 (h2c) connection to a replica, for `upstream_protocol: h2c`: one
+/// per worker thread, for the same reason as [`ConnPool`]'s idle lists.
 #[derive(Default)]
-pub struct H2Slot(Mutex<Option<H2Sender>>);
+pub struct H2Slot(PerWorker<Mutex<Option<H2Sender>>>);
 
 impl H2Slot {
-    /// The current connection, unless it is known to be closed.
+    /// The calling worker's connection, unless it is known to be closed.
     pub fn get(&self) -> Option<H2Sender> {
-        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = self.0.mine().lock().unwrap_or_else(|p| p.into_inner());
         slot.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
     pub fn set(&self, sender: H2Sender) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        *self.0.mine().lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
     }
 }
 

@@ -135,6 +135,47 @@ impl Upstream {
     }
 }
 
+/// An upstream that speaks only HTTP/2 with prior knowledge (h2c) and answers every request
+/// with `VERSION AUTHORITY PATH` (`HTTP/2.0 app.test /x`).
+pub struct H2cUpstream {
+    pub addr: SocketAddr,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl H2cUpstream {
+    pub async fn start() -> H2cUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind h2c upstream");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let body = format!(
+                            "{:?} {} {}",
+                            req.version(),
+                            req.uri().authority().map(|a| a.as_str()).unwrap_or("-"),
+                            req.uri().path()
+                        );
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+                });
+            }
+        });
+        H2cUpstream { addr, connections }
+    }
+}
+
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.stop.cancel();
