@@ -468,6 +468,29 @@ async fn two_workers_drain_the_request_in_flight_then_exit_0() {
     drains_in_flight_then_exits_0(Some("2")).await;
 }
 
+/// Opens `n` keep-alive clients to `addr`, then sends five rounds of requests, one at a time,
+/// client after client, to `/turn/ROUND/CLIENT`; each must answer 200 with `body(path)`.
+/// Returns the clients, still connected.
+async fn take_turns(
+    addr: SocketAddr,
+    n: usize,
+    body: impl Fn(&str) -> String,
+) -> Vec<common::Client> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(common::Client::connect(addr).await);
+    }
+    for round in 0..5 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            let path = format!("/turn/{round}/{i}");
+            let got = c.get("app.test", &path).await;
+            assert_eq!(got.status, 200, "{path}");
+            assert_eq!(got.text(), body(&path));
+        }
+    }
+    clients
+}
+
 /// Several workers: connections are spread evenly over them, each worker keeps its own
 /// keep-alive connections upstream, and the admin endpoints show both.
 #[tokio::test]
@@ -505,17 +528,7 @@ async fn three_workers_share_connections_evenly_and_each_keeps_its_upstream_conn
     let before = accepted(&status().await);
 
     // Six keep-alive clients; requests go one at a time, client after client.
-    let mut clients = Vec::new();
-    for _ in 0..6 {
-        clients.push(common::Client::connect(addr).await);
-    }
-    for round in 0..5 {
-        for (i, c) in clients.iter_mut().enumerate() {
-            let got = c.get("app.test", &format!("/r{round}/c{i}")).await;
-            assert_eq!(got.status, 200);
-            assert_eq!(got.text(), "workers-upstream");
-        }
-    }
+    let clients = take_turns(addr, 6, |_| "workers-upstream".to_owned()).await;
     let now = status().await;
     assert_eq!(open(&now), vec![2, 2, 2], "{now}");
     assert_eq!(accepted(&now) - before, 6, "six clients accepted: {now}");
@@ -552,17 +565,7 @@ async fn two_workers_each_keep_one_h2c_connection_upstream() {
     )
     .await;
     // Four clients at once: the least busy worker gets each, two per worker.
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(common::Client::connect(addr).await);
-    }
-    for round in 0..5 {
-        for (i, c) in clients.iter_mut().enumerate() {
-            let got = c.get("app.test", &format!("/h2c/{round}/{i}")).await;
-            assert_eq!(got.status, 200);
-            assert_eq!(got.text(), format!("HTTP/2.0 app.test /h2c/{round}/{i}"));
-        }
-    }
+    let _clients = take_turns(addr, 4, |path| format!("HTTP/2.0 app.test {path}")).await;
     assert_eq!(
         up.connections.load(std::sync::atomic::Ordering::SeqCst),
         2,
