@@ -21,11 +21,11 @@ static X_FORWARDED_SERVER: HeaderName = HeaderName::from_static("x-forwarded-ser
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the
-/// Proxy-* pair that RFC 2616 listed and proxies still strip).
 /// Where `Connection` stands in [`fixed_hop_by_hop`].
 const CONNECTION_AT: usize = 0;
 
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the
+/// Proxy-* pair that RFC 2616 listed and proxies still strip).
 fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
     [
         &header::CONNECTION,

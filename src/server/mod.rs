@@ -184,9 +184,7 @@ impl Shared {
         tokio::spawn(accept_loop(listener, https, self.clone(), stop.clone()));
         Endpoint { configured, stop }
     }
-}
 
-impl Shared {
     /// Serves the admin endpoints on `listener` until the returned token is cancelled.
     fn start_admin(&self, listener: TcpListener) -> CancellationToken {
         let stop = CancellationToken::new();

@@ -29,11 +29,19 @@ static WORKERS: OnceLock<Workers> = OnceLock::new();
 pub struct Workers {
     /// Runtimes of workers 1..n (worker 0 is the caller's).
     handles: Vec<Handle>,
-    /// Per worker: connections open now, and accepted in all.
-    open: Box<[AtomicI64]>,
-    accepted: Box<[AtomicU64]>,
+    /// One per worker, worker 0 included.
+    counters: Box<[Counters]>,
     /// Where the search for the least busy worker starts, so ties rotate.
     next: AtomicUsize,
+}
+
+/// What one worker serves.
+#[derive(Default)]
+struct Counters {
+    /// Connections open now.
+    open: AtomicI64,
+    /// Connections given to it in all.
+    accepted: AtomicU64,
 }
 
 /// What the admin endpoints show of one worker.
@@ -43,8 +51,8 @@ pub struct WorkerLoad {
     pub accepted: u64,
 }
 
-/// Starts `n - 1` worker threads beside the calling one (which must run a tokio runtime
-/// and becomes worker 0). Call once, before any config is loaded (connection pools size
+/// Starts `n - 1` worker threads beside the calling one, which is worker 0 and must then run
+/// a tokio runtime (the accept loops go there). Call once, before any config is loaded (connection pools size
 /// themselves by [`count`]). A second call, or `n <= 1`, starts nothing.
 pub fn start(n: usize) -> std::io::Result<()> {
     if n <= 1 || WORKERS.get().is_some() {
@@ -66,8 +74,7 @@ pub fn start(n: usize) -> std::io::Result<()> {
     }
     let workers = Workers {
         handles,
-        open: (0..n).map(|_| AtomicI64::new(0)).collect(),
-        accepted: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        counters: (0..n).map(|_| Counters::default()).collect(),
         next: AtomicUsize::new(0),
     };
     let _ = WORKERS.set(workers);
@@ -76,7 +83,7 @@ pub fn start(n: usize) -> std::io::Result<()> {
 
 /// How many workers serve connections (1 unless [`start`] started more).
 pub fn count() -> usize {
-    WORKERS.get().map_or(1, |w| w.open.len())
+    WORKERS.get().map_or(1, |w| w.counters.len())
 }
 
 /// The worker the calling thread is; 0 outside worker threads.
@@ -84,8 +91,8 @@ pub fn current() -> usize {
     WORKER.with(Cell::get)
 }
 
-/// One `T` per worker, each used only by its worker thread (so its lock, if any, is never
-/// contended). Sized by [`count`] when created.
+/// One `T` per worker, each used only by its worker thread once workers are started (so its
+/// lock, if any, is not contended). Sized by [`count`] when created.
 pub struct PerWorker<T>(Box<[T]>);
 
 impl<T: Default> Default for PerWorker<T> {
@@ -103,20 +110,17 @@ impl<T> PerWorker<T> {
     }
 }
 
-/// Each worker's connections, open and accepted (one entry without [`start`]).
+/// Each worker's connections, open and accepted (empty without [`start`]).
 pub fn loads() -> Vec<WorkerLoad> {
-    match WORKERS.get() {
-        Some(w) => w
-            .open
+    WORKERS.get().map_or_else(Vec::new, |w| {
+        w.counters
             .iter()
-            .zip(w.accepted.iter())
-            .map(|(o, a)| WorkerLoad {
-                open: o.load(Ordering::Relaxed),
-                accepted: a.load(Ordering::Relaxed),
+            .map(|c| WorkerLoad {
+                open: c.open.load(Ordering::Relaxed),
+                accepted: c.accepted.load(Ordering::Relaxed),
             })
-            .collect(),
-        None => Vec::new(),
-    }
+            .collect()
+    })
 }
 
 /// Serves an accepted connection on the least busy worker: `serve` runs there, with the
@@ -132,9 +136,10 @@ where
         return;
     };
     let index = workers.least_busy();
-    workers.open[index].fetch_add(1, Ordering::Relaxed);
-    workers.accepted[index].fetch_add(1, Ordering::Relaxed);
-    let done = OpenGuard(&workers.open[index]);
+    let counters = &workers.counters[index];
+    counters.open.fetch_add(1, Ordering::Relaxed);
+    counters.accepted.fetch_add(1, Ordering::Relaxed);
+    let done = OpenGuard(&counters.open);
     if index == current() {
         tracker.spawn(async move {
             let _done = done;
@@ -163,13 +168,13 @@ where
 impl Workers {
     /// The worker with the fewest open connections; ties go round-robin.
     fn least_busy(&self) -> usize {
-        let n = self.open.len();
+        let n = self.counters.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let mut best = start;
         let mut best_open = i64::MAX;
         for k in 0..n {
             let i = (start + k) % n;
-            let open = self.open[i].load(Ordering::Relaxed);
+            let open = self.counters[i].open.load(Ordering::Relaxed);
             if open < best_open {
                 best = i;
                 best_open = open;
