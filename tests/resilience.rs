@@ -354,6 +354,16 @@ fn free_addr() -> std::net::SocketAddr {
         .expect("a free port")
 }
 
+/// gangway reloading `path` when the file changes (no SIGHUP stand-in needed).
+async fn watching(path: &std::path::Path) -> Gangway {
+    Gangway::start_reloading(
+        path,
+        Gangway::static_resolver(),
+        Arc::new(tokio::sync::Notify::new()),
+    )
+    .await
+}
+
 fn write_config(path: &std::path::Path, yaml: &str) {
     // Replace by rename, as compose and Kubernetes do.
     let tmp = path.with_extension("tmp");
@@ -485,12 +495,7 @@ async fn a_changed_listen_address_is_rebound_and_the_old_one_drains() {
     let with_listen =
         |listen: &str| format!("listen: {{http: \"{listen}\"}}\n{}", yaml_for(&[&a], ""));
     write_config(&path, &with_listen("127.0.0.1:0"));
-    let gw = Gangway::start_reloading(
-        &path,
-        Gangway::static_resolver(),
-        Arc::new(tokio::sync::Notify::new()),
-    )
-    .await;
+    let gw = watching(&path).await;
     assert_eq!(get(gw.addr, "app.test", "/").await.text(), "a");
     // A request in flight on the old listener while it is replaced.
     let slow = tokio::spawn(get(gw.addr, "app.test", "/slow?ms=1500"));
@@ -530,12 +535,7 @@ async fn a_changed_admin_address_is_rebound_and_admin_off_closes_it() {
         )
     };
     write_config(&path, &with_admin("127.0.0.1:0"));
-    let gw = Gangway::start_reloading(
-        &path,
-        Gangway::static_resolver(),
-        Arc::new(tokio::sync::Notify::new()),
-    )
-    .await;
+    let gw = watching(&path).await;
     let old_admin = gw.admin_addr.expect("admin listener");
     assert_eq!(get(old_admin, "admin", "/healthz").await.status, 200);
 
