@@ -571,3 +571,51 @@ async fn a_changed_admin_address_is_rebound_and_admin_off_closes_it() {
     assert!(off, "admin: off left the admin endpoint listening");
     assert_eq!(get(gw.addr, "app.test", "/").await.text(), "a");
 }
+
+/// A replica that closes a kept-alive connection just as the next request arrives (what a
+/// replica shutting down does): the request is sent again on a new connection, and the
+/// client gets its answer, even with no other replica to retry on.
+#[tokio::test]
+async fn a_request_that_meets_a_closing_keep_alive_connection_is_resent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // Answers the first request, reads the second and closes without a word.
+                let mut buf = Vec::new();
+                for answered in [true, false] {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    if answered {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let gw = Gangway::start(&format!(
+        "sites:\n  - hosts: [\"*\"]\n    upstreams: [{addr}]\n"
+    ))
+    .await;
+    for i in 0..5 {
+        let got = get(gw.addr, "app.test", &format!("/{i}")).await;
+        assert_eq!(got.status, 200, "request {i}: {}", got.text());
+        assert_eq!(got.text(), "ok");
+    }
+    // Each request after the first met the pooled connection closing, then got a new one.
+    assert_eq!(connections.load(Ordering::SeqCst), 5);
+}

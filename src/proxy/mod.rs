@@ -380,7 +380,7 @@ impl Proxy {
                 // Boxed: h2c is the rare case, and its state would enlarge every request.
                 Box::pin(self.attempt_h2(replica, req)).await
             } else {
-                self.attempt(replica, req, upgrade).await
+                self.attempt(replica, req, upgrade, copy.as_ref()).await
             };
             let passive = backend.policy.passive.as_ref();
             match attempt {
@@ -455,17 +455,26 @@ impl Proxy {
         fail(Failure::Unreachable, log, &last_error)
     }
 
-    /// Sends `req` to one replica, on a pooled connection when one is idle.
+    /// Sends `req` to one replica, on a pooled connection when one is idle. `resend` is the
+    /// copy of a request that may be sent twice (bodiless and idempotent).
     async fn attempt(
         &self,
         replica: &Arc<Replica>,
         mut req: Request<ReqBody>,
         upgrade: bool,
+        resend: Option<&RequestCopy>,
     ) -> Attempt {
         // An upgraded connection is never returned to the pool, so take a fresh one for it.
         if !upgrade {
             while let Some(sender) = replica.pool.take_idle() {
                 match self.send(sender, req).await {
+                    // The keep-alive race: the replica closed this idle connection as our
+                    // request went out (a replica shutting down does so), so it most likely
+                    // never handled it. Once, on a new connection, not counted as a retry.
+                    Ok(Attempt::Failed(Failure::UpstreamBroken, _)) if let Some(copy) = resend => {
+                        req = copy.rebuild();
+                        break;
+                    }
                     Ok(sent) => return sent,
                     // The pooled connection was closed before our request was written.
                     Err(back) => req = back,
