@@ -306,16 +306,31 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
 impl TimedIo<tokio::net::TcpStream> {
     /// Waits, holding no buffer, until the client sends again (a parked connection) or
     /// sends its first bytes (a new one). Fails when the idle (or header) time runs out.
+    ///
+    /// Polls the socket's readiness directly rather than through `TcpStream::readable`, whose
+    /// future (a waiter node, about 150 bytes) would sit in every parked connection's task.
     pub async fn readable(&mut self) -> io::Result<()> {
         if self.parked {
             self.deadline.as_mut().reset(self.idle_since + self.idle);
         }
-        tokio::select! {
-            r = self.inner.readable() => r,
-            _ = self.deadline.as_mut() => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "idle keep-alive connection timed out",
-            )),
-        }
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = self.inner.poll_read_ready(cx) {
+                return Poll::Ready(r);
+            }
+            match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "idle keep-alive connection timed out",
+                ))),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Reads without consuming, into `buf`, what the client has sent; 0 at end of stream.
+    pub async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut buf = tokio::io::ReadBuf::new(buf);
+        std::future::poll_fn(|cx| self.inner.poll_peek(cx, &mut buf)).await
     }
 }

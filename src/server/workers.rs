@@ -124,15 +124,18 @@ pub fn loads() -> Vec<WorkerLoad> {
 }
 
 /// Serves an accepted connection on the least busy worker: `serve` runs there, with the
-/// stream registered on that worker's runtime, tracked by `tracker` (the drain waits for it).
-/// Without workers it runs on the current runtime.
+/// stream registered on that worker's runtime, and the future it returns (if any) becomes the
+/// connection's task, tracked by `tracker` (the drain waits for it). Without workers it runs
+/// on the current runtime.
 pub fn dispatch<F, Fut>(stream: TcpStream, tracker: &TaskTracker, serve: F)
 where
-    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    F: FnOnce(TcpStream) -> Option<Fut> + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let Some(workers) = WORKERS.get() else {
-        tracker.spawn(serve(stream));
+        if let Some(serving) = serve(stream) {
+            tracker.spawn(serving);
+        }
         return;
     };
     let index = workers.least_busy();
@@ -141,10 +144,9 @@ where
     counters.accepted.fetch_add(1, Ordering::Relaxed);
     let done = OpenGuard(&counters.open);
     if index == current() {
-        tracker.spawn(async move {
-            let _done = done;
-            serve(stream).await
-        });
+        if let Some(serving) = serve(stream) {
+            tracker.spawn(Counted { serving, done });
+        }
         return;
     }
     // The stream is registered with this thread's reactor; the worker registers it anew.
@@ -155,14 +157,38 @@ where
             return;
         }
     };
-    let moved = tracker.track_future(async move {
-        let _done = done;
-        match TcpStream::from_std(std_stream) {
-            Ok(stream) => serve(stream).await,
+    // A short task on the worker sets the connection up there and spawns the task that serves
+    // it. Awaiting `serving` in this task instead would keep a second copy of the connection's
+    // state in it for the connection's life.
+    let spawner = tracker.clone();
+    let handoff = tracker.track_future(async move {
+        match TcpStream::from_std(std_stream).map(serve) {
+            Ok(Some(serving)) => drop(spawner.spawn(Counted { serving, done })),
+            Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "worker cannot register a connection"),
         }
     });
-    workers.handles[index - 1].spawn(moved);
+    workers.handles[index - 1].spawn(handoff);
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's future, and its worker's open-connection count that ends with it.
+    struct Counted<F> {
+        #[pin]
+        serving: F,
+        done: OpenGuard,
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.project().serving.poll(cx)
+    }
 }
 
 impl Workers {
