@@ -450,6 +450,37 @@ async fn until_refused(addr: SocketAddr, limit: Duration) -> bool {
     }
 }
 
+/// A serving gangway turns transparent huge pages off and executes itself again, so that no
+/// page becomes resident 2 MiB at a time (benches/README.md: 10 000 idle connections). The
+/// process keeps the pid it was started with, its arguments, and serves as configured.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_serving_process_runs_without_huge_pages_under_the_pid_it_was_started_with() {
+    let up = Upstream::start("thp-upstream").await;
+    let (proc, addr, _dir) = start_proxy(&up, "1s").await;
+    let pid = proc.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "{status}");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let args: Vec<&[u8]> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .collect();
+    assert_eq!(args.len(), 4, "{args:?}");
+    assert_eq!(args[0], BIN.as_bytes());
+    assert_eq!(args[1], b"run");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
+    assert_eq!(exe, std::fs::canonicalize(BIN).expect("binary path"));
+    assert_eq!(
+        try_get(addr, "/").await,
+        Ok((200, "thp-upstream".to_owned()))
+    );
+}
+
 #[tokio::test]
 async fn sigterm_drains_the_request_in_flight_then_exits_0() {
     drains_in_flight_then_exits_0(None).await;
