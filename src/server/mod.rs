@@ -601,6 +601,32 @@ async fn starts_h2(io: &mut TimedIo<TcpStream>) -> bool {
     n > 0 && H2_PREFACE.starts_with(&first[..n])
 }
 
+/// What hyper's servers need of a connection's service. There is one such type, the closure
+/// `serve_connection` builds, which cannot be named.
+trait ConnService:
+    hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<crate::proxy::body::ProxyBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> ConnService for S where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::proxy::body::ProxyBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// What a TLS connection needs for its handshake.
 struct TlsConn {
     config: Arc<tls::Tls>,
@@ -609,7 +635,7 @@ struct TlsConn {
 }
 
 /// Serves an HTTPS connection: the handshake, then HTTP/1.1 or HTTP/2 as ALPN chose.
-async fn serve_tls<S, B>(
+async fn serve_tls<S>(
     io: TimedIo<TcpStream>,
     tls: TlsConn,
     builder: &auto::Builder<TokioExecutor>,
@@ -618,16 +644,7 @@ async fn serve_tls<S, B>(
     stats: &ServerStats,
     peer: SocketAddr,
 ) where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<B>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnService,
 {
     let handshake = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -664,7 +681,7 @@ async fn serve_tls<S, B>(
 /// connection had received. Gives the socket back, with what it has received but not parsed,
 /// when the connection has been idle long enough to park; `None` when it is done (closed,
 /// timed out, upgraded, failed, or shutting down).
-async fn serve_h1<S, B>(
+async fn serve_h1<S>(
     mut io: TimedIo<TcpStream>,
     unread: bytes::Bytes,
     h1: &http1::Builder,
@@ -673,16 +690,7 @@ async fn serve_h1<S, B>(
     peer: SocketAddr,
 ) -> Option<(TimedIo<TcpStream>, bytes::Bytes)>
 where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<B>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnService,
 {
     io.resume();
     let mut conn = h1
