@@ -23,7 +23,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Turns transparent huge pages off for a serving process. mimalloc asks the kernel for huge
 /// pages on its arenas (where THP is `madvise`, Debian's default), so every 2 MiB region it
 /// touches becomes resident whole: 8 MiB more at start, and 10 000 idle connections took
-/// 47–60 MiB instead of 37–45. The A/B run on scenarios 1, 3 and 4 showed no CPU difference
+/// 47–60 MiB instead of 36–45. The A/B run on scenarios 1, 3 and 4 showed no CPU difference
 /// beyond noise (benches/README.md).
 ///
 /// The flag only stops huge pages that are faulted in later, and the runtime's first

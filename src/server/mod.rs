@@ -550,6 +550,8 @@ fn serve_connection(
         }
         let _open = GaugeGuard::new(&stats.connections_h1);
         // The first bytes decide the protocol; nothing is allocated for a silent connection.
+        // (This wait and the parked one below are written out: a shared helper future made
+        // every connection's state 16 bytes larger, past the size the test below guards.)
         tokio::select! {
             r = io.readable() => if r.is_err() { return },
             _ = shutdown.cancelled() => return,
@@ -585,7 +587,7 @@ fn serve_connection(
 }
 
 /// How long a plain HTTP/1 connection stays idle with hyper's buffers (16 KiB) before it is
-/// parked as a bare socket (about 1.5 KiB with its task and timers). Short enough that a burst
+/// parked as a bare socket (about 1.4 KiB of heap with its task and timers). Short enough that a burst
 /// of clients that then sit idle never holds all their buffers at once, long enough that a
 /// connection under load (next request within milliseconds) is not parked between requests.
 const PARK_AFTER: Duration = Duration::from_millis(50);
@@ -894,5 +896,45 @@ async fn serve_http<IO, S, B>(
     };
     if let Err(e) = result {
         tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The future that serves a connection is what each of 10 000 idle clients costs (with
+    /// its socket registration and timer): 504 bytes when this was written, 1648 as an
+    /// `async fn` with the parked state held inline.
+    #[tokio::test]
+    async fn a_plain_connection_future_stays_under_half_a_kib() {
+        let config = Config::parse(
+            "listen: {http: 127.0.0.1:0, admin: off}\nsites:\n  - hosts: [\"*\"]\n    \
+             upstreams: [127.0.0.1:9]\n",
+            "test.yaml",
+        )
+        .expect("valid config");
+        let resolver: Arc<dyn Resolve> = Arc::new(upstream::resolve::StaticResolver::default());
+        let shutdown = CancellationToken::new();
+        let stats = Arc::new(ServerStats::default());
+        let generation = build_generation(config, None, &resolver, None, &shutdown, &stats)
+            .await
+            .expect("generation");
+        let shared = Shared {
+            state: Arc::new(ArcSwap::from_pointee(generation)),
+            builder: Arc::new(http_builder()),
+            h1: Arc::new(h1_builder()),
+            tracker: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+            stats,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let serving = serve_connection(stream, false, shared).expect("a plain connection");
+        let size = std::mem::size_of_val(&serving);
+        assert!(size <= 512, "the connection's future is {size} bytes");
+        shutdown.cancel();
     }
 }

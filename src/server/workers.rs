@@ -52,8 +52,9 @@ pub struct WorkerLoad {
 }
 
 /// Starts `n - 1` worker threads beside the calling one, which is worker 0 and must then run
-/// a tokio runtime (the accept loops go there). Call once, before any config is loaded (connection pools size
-/// themselves by [`count`]). A second call, or `n <= 1`, starts nothing.
+/// a tokio runtime (the accept loops go there). Call once, before any config is loaded
+/// (connection pools size themselves by [`count`]). A second call, or `n <= 1`, starts
+/// nothing.
 pub fn start(n: usize) -> std::io::Result<()> {
     if n <= 1 || WORKERS.get().is_some() {
         return Ok(());
