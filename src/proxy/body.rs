@@ -5,6 +5,7 @@
 
 use crate::config::AccessLog;
 use crate::upstream::Replica;
+use crate::upstream::h1::H1Body;
 use crate::upstream::pool::Sender;
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, Uri};
@@ -150,8 +151,16 @@ enum Inner {
         /// The connection to give back once `body` is read to the end.
         conn: Option<(Sender, Arc<Replica>)>,
     },
+    /// A body read by gangway's own HTTP/1.1 client; its connection goes back to the
+    /// replica's pool when the body is done.
+    H1 {
+        body: H1Body,
+        replica: Arc<Replica>,
+    },
     Full(Option<Bytes>),
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct ProxyBody {
     inner: Inner,
@@ -197,6 +206,20 @@ impl ProxyBody {
         }
     }
 
+    pub fn h1(
+        body: H1Body,
+        replica: Arc<Replica>,
+        log: Option<Box<AccessRecord>>,
+        in_flight: InFlight,
+    ) -> Self {
+        ProxyBody {
+            inner: Inner::H1 { body, replica },
+            log,
+            _in_flight: Some(in_flight),
+            _streaming: None,
+        }
+    }
+
     /// Keeps `guard` until hyper is done with this body.
     pub fn hold(&mut self, guard: crate::server::timed_io::Streaming) {
         self._streaming = Some(guard);
@@ -222,15 +245,32 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         match &mut this.inner {
             Inner::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Inner::H1 { body, replica } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(data), Some(log)) = (frame.data_ref(), this.log.as_mut()) {
+                            log.bytes += data.len() as u64;
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(conn) = body.take_reusable() {
+                            replica.pool.put_raw(conn);
+                        }
+                    }
+                    _ => {}
+                }
+                polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
+            }
             Inner::Upstream { body, conn } => {
                 let polled = Pin::new(body).poll_frame(cx);
                 match &polled {
@@ -246,7 +286,7 @@ impl Body for ProxyBody {
                     }
                     _ => {}
                 }
-                polled
+                polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
             }
         }
     }
@@ -255,6 +295,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Full(data) => data.is_none(),
             Inner::Upstream { body, .. } => body.is_end_stream(),
+            Inner::H1 { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -263,6 +304,7 @@ impl Body for ProxyBody {
             Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Inner::Full(None) => SizeHint::with_exact(0),
             Inner::Upstream { body, .. } => body.size_hint(),
+            Inner::H1 { body, .. } => body.size_hint(),
         }
     }
 }
@@ -276,6 +318,12 @@ impl Drop for ProxyBody {
             && let Some((sender, replica)) = conn.take()
         {
             replica.pool.put(sender);
+        }
+        if let Inner::H1 { body, replica } = &mut self.inner
+            && body.is_end_stream()
+            && let Some(conn) = body.take_reusable()
+        {
+            replica.pool.put_raw(conn);
         }
         if let Some(log) = &self.log {
             log.emit();

@@ -8,6 +8,7 @@ use crate::admin::stats::ServerStats;
 use crate::config::{AccessLog, Balance, Config, Timeouts, TrustedProxies, UpstreamProtocol};
 use crate::upstream::PickCtx;
 use crate::upstream::Replica;
+use crate::upstream::h1::{H1Body, SendError};
 use crate::upstream::pool::{self, ConnectError, ReqBody, Sender};
 use body::{AccessRecord, InFlight, ProxyBody};
 use bytes::Bytes;
@@ -109,8 +110,11 @@ impl Failure {
 enum Attempt {
     /// The response, and the HTTP/1.1 connection to pool once its body is read.
     Sent(Response<Incoming>, Option<Sender>),
-    /// Nothing was sent: the request comes back to try elsewhere.
-    NotConnected(Request<ReqBody>, ConnectError),
+    /// The response from gangway's own client, whose body gives its connection back.
+    SentOwn(Response<H1Body>),
+    /// Nothing was sent: the request comes back to try elsewhere (none for gangway's own
+    /// client, which only borrows it).
+    NotConnected(Option<Request<ReqBody>>, ConnectError),
     Failed(Failure, String),
 }
 
@@ -353,18 +357,26 @@ impl Proxy {
         let retries = &backend.policy.retries;
         let retry_after_send =
             bodiless && retries.attempts > 1 && retries.methods.contains(&parts.method);
-        let copy = retry_after_send.then(|| RequestCopy::of(&parts));
-        let body: ReqBody = if bodiless {
-            Either::Right(Empty::new())
+        // Bodiless HTTP/1.1 requests go through gangway's own client; the others through
+        // hyper's, which streams a request body while the response comes.
+        let own_client = bodiless && !h2c && !upgrade;
+        let copy = (retry_after_send && !own_client).then(|| RequestCopy::of(&parts));
+        let (own, mut req) = if own_client {
+            (Some(parts), None)
         } else {
-            Either::Left(body)
+            let body: ReqBody = if bodiless {
+                Either::Right(Empty::new())
+            } else {
+                Either::Left(body)
+            };
+            (None, Some(Request::from_parts(parts, body)))
         };
-        let mut req = Request::from_parts(parts, body);
 
         let mut tried = [0usize; MAX_TRIES];
         let mut n_tried = 0;
         let mut sent = 0;
         let mut last_error = String::new();
+        let mut client_upgrade = client_upgrade;
         while n_tried < MAX_TRIES {
             let Some(idx) = backend.pick(&members, &ctx, &tried[..n_tried]) else {
                 break;
@@ -376,43 +388,25 @@ impl Proxy {
                 l.replica = Some(replica.addr);
             }
             let in_flight = InFlight::new(replica);
-            let attempt = if h2c {
+            let attempt = match (&own, req.take()) {
+                (Some(parts), _) => self.attempt_own(replica, parts, retry_after_send).await,
                 // Boxed: h2c is the rare case, and its state would enlarge every request.
-                Box::pin(self.attempt_h2(replica, req)).await
-            } else {
-                self.attempt(replica, req, upgrade, copy.as_ref()).await
+                (None, Some(r)) if h2c => Box::pin(self.attempt_h2(replica, r)).await,
+                (None, Some(r)) => self.attempt(replica, r, upgrade, copy.as_ref()).await,
+                (None, None) => break,
             };
             let passive = backend.policy.passive.as_ref();
             match attempt {
                 Attempt::Sent(resp, sender) => {
-                    let upstream = start.elapsed();
-                    replica
-                        .stats
-                        .traffic
-                        .record(resp.status().as_u16(), upstream);
-                    if let Some(l) = log.as_mut() {
-                        l.upstream_ms = Some(upstream.as_secs_f64() * 1000.0);
-                    }
-                    if matches!(resp.status().as_u16(), 502..=504) {
-                        replica.report_failure(passive);
-                    } else {
-                        replica.report_success();
-                    }
-                    let replica_header = self.replica_header;
-                    let mut resp =
-                        self.respond(resp, sender, replica, client_upgrade, log, in_flight);
-                    if backend.policy.balance == Balance::Cookie && sticky != Some(replica.id) {
-                        set_sticky_cookie(&mut resp, replica.id, conn.proto == "https");
-                    }
-                    if replica_header {
-                        let mut buf = String::with_capacity(48);
-                        let _ =
-                            std::fmt::Write::write_fmt(&mut buf, format_args!("{}", replica.addr));
-                        if let Ok(v) = HeaderValue::from_str(&buf) {
-                            resp.headers_mut().insert(&X_GANGWAY_REPLICA, v);
-                        }
-                    }
-                    return resp;
+                    self.record_response(replica, resp.status(), start, &mut log, passive);
+                    let resp =
+                        self.respond(resp, sender, replica, client_upgrade.take(), log, in_flight);
+                    return self.decorate(resp, backend, sticky, replica, conn);
+                }
+                Attempt::SentOwn(resp) => {
+                    self.record_response(replica, resp.status(), start, &mut log, passive);
+                    let resp = respond_own(resp, replica, log, in_flight);
+                    return self.decorate(resp, backend, sticky, replica, conn);
                 }
                 Attempt::NotConnected(back, e) => {
                     // Nothing was sent: always safe to try the next replica.
@@ -431,15 +425,14 @@ impl Proxy {
                     replica.stats.broken.fetch_add(1, Ordering::Relaxed);
                     replica.report_failure(passive);
                     sent += 1;
-                    match &copy {
-                        Some(copy) if sent < retries.attempts => {
-                            backend.stats.retries.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(replica = %replica.addr, error = %detail, "upstream failed; retrying on another replica");
-                            last_error = format!("{}: {detail}", replica.addr);
-                            req = copy.rebuild();
-                        }
-                        _ => return fail(Failure::UpstreamBroken, log, &detail),
+                    let again = retry_after_send && sent < retries.attempts;
+                    if !again {
+                        return fail(Failure::UpstreamBroken, log, &detail);
                     }
+                    backend.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(replica = %replica.addr, error = %detail, "upstream failed; retrying on another replica");
+                    last_error = format!("{}: {detail}", replica.addr);
+                    req = copy.as_ref().map(RequestCopy::rebuild);
                 }
                 Attempt::Failed(failure, detail) => {
                     // The replica got the request and did not answer in time.
@@ -486,15 +479,106 @@ impl Proxy {
         let connect = Box::pin(pool::connect(replica.addr, self.timeouts.upstream_connect));
         let sender = match connect.await {
             Ok(s) => s,
-            Err(e) => return Attempt::NotConnected(req, e),
+            Err(e) => return Attempt::NotConnected(Some(req), e),
         };
         match self.send(sender, req).await {
             Ok(sent) => sent,
             Err(back) => Attempt::NotConnected(
-                back,
+                Some(back),
                 ConnectError::Io(std::io::Error::other("connection closed at once")),
             ),
         }
+    }
+
+    /// Sends a bodiless request to one replica with gangway's own client, on a pooled
+    /// connection when one is idle. `resend`: the request may be sent twice.
+    async fn attempt_own(
+        &self,
+        replica: &Arc<Replica>,
+        parts: &http::request::Parts,
+        resend: bool,
+    ) -> Attempt {
+        while let Some(conn) = replica.pool.take_raw() {
+            match self.send_own(conn, parts).await {
+                // The pooled connection failed as the request went out: nothing was done.
+                Err(SendError::Unsent(_)) => {}
+                // The keep-alive race: the replica closed this idle connection as our
+                // request went out (a replica shutting down does so), so it most likely
+                // never handled it. Once, on a new connection, not counted as a retry.
+                Err(SendError::Closed) if resend => break,
+                Err(e) => return Attempt::Failed(Failure::UpstreamBroken, e.to_string()),
+                Ok(sent) => return sent,
+            }
+        }
+        // Boxed: a new connection is the rare case (the pool serves most requests).
+        let connect = Box::pin(pool::connect_raw(
+            replica.addr,
+            self.timeouts.upstream_connect,
+        ));
+        let conn = match connect.await {
+            Ok(c) => c,
+            Err(e) => return Attempt::NotConnected(None, e),
+        };
+        match self.send_own(conn, parts).await {
+            Ok(sent) => sent,
+            Err(SendError::Unsent(e)) => Attempt::NotConnected(None, ConnectError::Io(e)),
+            Err(e) => Attempt::Failed(Failure::UpstreamBroken, e.to_string()),
+        }
+    }
+
+    async fn send_own(
+        &self,
+        conn: crate::upstream::h1::Conn,
+        parts: &http::request::Parts,
+    ) -> Result<Attempt, SendError> {
+        match tokio::time::timeout(self.timeouts.upstream_header, conn.send(parts)).await {
+            Err(_) => Ok(Attempt::Failed(Failure::Timeout, String::new())),
+            Ok(Ok(resp)) => Ok(Attempt::SentOwn(resp)),
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    /// Counts a replica's response head in its stats, health and the access log.
+    fn record_response(
+        &self,
+        replica: &Replica,
+        status: StatusCode,
+        start: Instant,
+        log: &mut Option<Box<AccessRecord>>,
+        passive: Option<&crate::config::Passive>,
+    ) {
+        let upstream = start.elapsed();
+        replica.stats.traffic.record(status.as_u16(), upstream);
+        if let Some(l) = log.as_mut() {
+            l.upstream_ms = Some(upstream.as_secs_f64() * 1000.0);
+        }
+        if matches!(status.as_u16(), 502..=504) {
+            replica.report_failure(passive);
+        } else {
+            replica.report_success();
+        }
+    }
+
+    /// The sticky cookie and `X-Gangway-Replica`, when configured.
+    fn decorate(
+        &self,
+        mut resp: Response<ProxyBody>,
+        backend: &crate::upstream::Backend,
+        sticky: Option<u64>,
+        replica: &Replica,
+        conn: &ConnInfo,
+    ) -> Response<ProxyBody> {
+        if backend.policy.balance == Balance::Cookie && sticky != Some(replica.id) {
+            set_sticky_cookie(&mut resp, replica.id, conn.proto == "https");
+        }
+        if self.replica_header {
+            let mut buf = String::with_capacity(48);
+            let _ = std::fmt::Write::write_fmt(&mut buf, format_args!("{}", replica.addr));
+            if let Ok(v) = HeaderValue::from_str(&buf) {
+                resp.headers_mut().insert(&X_GANGWAY_REPLICA, v);
+            }
+        }
+        resp
     }
 
     /// Sends `req` to one replica over its shared h2c connection, opening it if needed.
@@ -507,7 +591,7 @@ impl Proxy {
                     replica.h2.set(s.clone());
                     s
                 }
-                Err(e) => return Attempt::NotConnected(req, e),
+                Err(e) => return Attempt::NotConnected(Some(req), e),
             },
         };
         if sender.ready().await.is_err() {
@@ -517,7 +601,7 @@ impl Proxy {
                     replica.h2.set(s.clone());
                     s
                 }
-                Err(e) => return Attempt::NotConnected(req, e),
+                Err(e) => return Attempt::NotConnected(Some(req), e),
             };
         }
         let sent =
@@ -527,7 +611,7 @@ impl Proxy {
             Ok(Ok(resp)) => Attempt::Sent(resp, None),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(req) => Attempt::NotConnected(
-                    req,
+                    Some(req),
                     ConnectError::Io(std::io::Error::other("h2c connection not ready")),
                 ),
                 None => Attempt::Failed(Failure::UpstreamBroken, e.into_error().to_string()),
@@ -609,6 +693,28 @@ impl Proxy {
             ),
         )
     }
+}
+
+/// The response from gangway's own client, relayed.
+fn respond_own(
+    resp: Response<H1Body>,
+    replica: &Arc<Replica>,
+    mut log: Option<Box<AccessRecord>>,
+    in_flight: InFlight,
+) -> Response<ProxyBody> {
+    if let Some(l) = log.as_mut() {
+        l.status = resp.status();
+    }
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // A 101 nobody asked for cannot be relayed.
+        return fail(Failure::UpstreamBroken, log, "unexpected 101 from upstream");
+    }
+    let (mut parts, body) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers, false);
+    Response::from_parts(
+        parts,
+        ProxyBody::h1(body, Arc::clone(replica), log, in_flight),
+    )
 }
 
 /// Tries per request at most (connect failures included): more replicas than this are

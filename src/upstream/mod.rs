@@ -4,6 +4,7 @@
 //! ([`Members`]) swapped whole by discovery; health is a few atomics per replica. The request
 //! path loads the snapshot, reads atomics and bumps a counter: it takes no lock.
 
+pub mod h1;
 pub mod health;
 pub mod pool;
 pub mod resolve;

@@ -4,6 +4,7 @@
 //! read to its end (see [`PooledConn`]); a connection whose body was abandoned is closed, never
 //! reused half-read. The lock is a plain mutex held for a push or a pop, never across `.await`.
 
+use super::h1;
 use crate::server::workers::PerWorker;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -35,6 +36,13 @@ struct Idle {
 #[derive(Default)]
 pub struct ConnPool {
     idle: PerWorker<Mutex<Vec<Idle>>>,
+    /// Connections of gangway's own client ([`h1`]), for bodiless requests.
+    raw: PerWorker<Mutex<Vec<IdleRaw>>>,
+}
+
+struct IdleRaw {
+    conn: h1::Conn,
+    since: Instant,
 }
 
 /// Why no connection could be had.
@@ -83,6 +91,36 @@ impl ConnPool {
             });
         }
     }
+}
+
+impl ConnPool {
+    /// An idle connection of gangway's own client that is still open, if any.
+    pub fn take_raw(&self) -> Option<h1::Conn> {
+        let now = Instant::now();
+        let mut idle = self.raw.mine().lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(mut idle_conn) = idle.pop() {
+            if now.duration_since(idle_conn.since) < MAX_IDLE_AGE && idle_conn.conn.is_reusable() {
+                return Some(idle_conn.conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was read to its end.
+    pub fn put_raw(&self, conn: h1::Conn) {
+        let mut idle = self.raw.mine().lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(IdleRaw {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// Opens a new connection for gangway's own HTTP/1.1 client.
+pub async fn connect_raw(addr: SocketAddr, timeout: Duration) -> Result<h1::Conn, ConnectError> {
+    Ok(h1::Conn::new(tcp(addr, timeout).await?))
 }
 
 /// Opens a new HTTP/1.1 connection. The connection task runs until the peer or every sender

@@ -1,0 +1,523 @@
+//! gangway's own HTTP/1.1 client connection to a replica, for requests without a body.
+//!
+//! hyper's client runs each connection as a task of its own and hands requests, responses
+//! and body chunks to it through channels: a proxied request then crosses between the client
+//! connection's task and the upstream connection's task four times. Here the request's own
+//! task writes the head, reads the response head and streams the body straight from the
+//! socket, and an idle connection is only a socket and its buffer in the pool, with no task.
+//! Requests with a body and upgrades keep hyper's client (see `pool`), whose full-duplex
+//! streaming they need.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// A response head longer than this is refused (hyper's default is about 400 KiB; nginx's
+/// `proxy_buffer_size` is 4–8 KiB).
+const MAX_HEAD: usize = 64 * 1024;
+/// Response headers at most (hyper's default is 100).
+const MAX_HEADERS: usize = 128;
+/// How much is read at a time while no body length says more.
+const READ_SIZE: usize = 8 * 1024;
+/// The largest read for a long body.
+const MAX_READ: usize = 64 * 1024;
+/// A chunk-size line (with extensions) or a trailer line longer than this is refused.
+const MAX_LINE: usize = 4096;
+
+/// One keep-alive connection: the socket and what was read from it beyond the last response.
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    /// Reused for each request head.
+    out: Vec<u8>,
+}
+
+/// Why a request on a connection failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// Writing the request failed: the replica cannot have acted on it.
+    Unsent(io::Error),
+    /// The connection closed after the request was written, before any byte of a response
+    /// (on a reused connection, the keep-alive race).
+    Closed,
+    /// The response was broken or could not be read.
+    Broken(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Unsent(e) => write!(f, "request not sent: {e}"),
+            SendError::Closed => f.write_str("connection closed before a response"),
+            SendError::Broken(why) => f.write_str(why),
+        }
+    }
+}
+
+/// How the response body is delimited (RFC 9112, section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the connection closes; the connection cannot be reused.
+    Close,
+}
+
+/// Where a chunked body's decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// False when the replica closed the connection or sent something unasked while it was
+    /// idle. Costs no system call unless the runtime saw it become readable.
+    pub fn is_reusable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readable: a FIN or stray bytes, unless the readiness is stale.
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Sends a bodiless request and reads the response head. The body is read through the
+    /// returned [`H1Body`], which gives the connection back when it can be reused.
+    pub async fn send(
+        mut self,
+        req: &http::request::Parts,
+    ) -> Result<http::Response<H1Body>, SendError> {
+        encode_head(&mut self.out, req);
+        if let Err(e) = self.io.write_all(&self.out).await {
+            return Err(SendError::Unsent(e));
+        }
+        let mut received = false;
+        loop {
+            if !self.buf.is_empty() {
+                received = true;
+                match parse_head(&mut self.buf, &req.method)? {
+                    Parsed::Final(head, framing, keep_alive) => {
+                        let mut body = H1Body {
+                            conn: Some(self),
+                            framing,
+                            keep_alive,
+                        };
+                        body.settle();
+                        return Ok(http::Response::from_parts(head, body));
+                    }
+                    // An interim response (100 Continue, 103 Early Hints) was consumed.
+                    Parsed::Interim => continue,
+                    Parsed::Partial => {}
+                }
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(SendError::Broken("response head too large".into()));
+            }
+            self.buf.reserve(READ_SIZE);
+            match self.read().await {
+                Ok(0) if !received => return Err(SendError::Closed),
+                Ok(0) => {
+                    return Err(SendError::Broken(
+                        "connection closed in response head".into(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if !received => {
+                    return Err(match e.kind() {
+                        io::ErrorKind::ConnectionReset => SendError::Closed,
+                        _ => SendError::Broken(e.to_string()),
+                    });
+                }
+                Err(e) => return Err(SendError::Broken(e.to_string())),
+            }
+        }
+    }
+
+    async fn read(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read(cx)).await
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    /// The socket and any bytes read past the response head, for an upgraded connection.
+    pub fn into_parts(self) -> (TcpStream, Bytes) {
+        (self.io, self.buf.freeze())
+    }
+}
+
+enum Parsed {
+    Final(http::response::Parts, Framing, bool),
+    Interim,
+    Partial,
+}
+
+/// `GET /path HTTP/1.1\r\n`, the headers, and the blank line.
+fn encode_head(out: &mut Vec<u8>, req: &http::request::Parts) {
+    out.clear();
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut size = req.method.as_str().len() + target.len() + 13;
+    for (name, value) in &req.headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    out.reserve(size);
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &req.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn broken(why: impl Into<String>) -> SendError {
+    SendError::Broken(why.into())
+}
+
+/// Parses a response head at the start of `buf`, consuming it when complete.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(e) => return Err(broken(format!("invalid response head: {e}"))),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| broken("invalid status code"))?;
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        buf.advance(len);
+        return Ok(Parsed::Interim);
+    }
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Where each name and value sits in the head, so the values can share its bytes.
+    let base = buf.as_ptr() as usize;
+    let mut spans = Vec::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let at = h.value.as_ptr() as usize - base;
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| broken(format!("invalid header name {:?}", h.name)))?;
+        spans.push((name, at, at + h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, start, end) in spans {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+            .map_err(|_| broken(format!("invalid value for header {name}")))?;
+        headers.append(name, value);
+    }
+    let mut keep_alive = match version {
+        Version::HTTP_10 => has_token(&headers, "keep-alive"),
+        _ => !has_token(&headers, "close"),
+    };
+    let framing = if status == StatusCode::SWITCHING_PROTOCOLS
+        || method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Length(0)
+    } else if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
+        // A length alongside a transfer coding is a smuggling attempt or a broken server.
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(broken(
+                "response has both Transfer-Encoding and Content-Length",
+            ));
+        }
+        if last_coding_is_chunked(&headers) && version == Version::HTTP_11 {
+            Framing::Chunked(Chunk::Size)
+        } else {
+            let _ = te;
+            keep_alive = false;
+            Framing::Close
+        }
+    } else {
+        match content_length(&headers)? {
+            Some(n) => Framing::Length(n),
+            None => {
+                keep_alive = false;
+                Framing::Close
+            }
+        }
+    };
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Parsed::Final(parts, framing, keep_alive))
+}
+
+fn has_token(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
+    let last = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.rsplit(',').next());
+    last.is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// The one length all `Content-Length` values agree on (a list of equal values is allowed).
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, SendError> {
+    let mut found = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        let s = v.to_str().map_err(|_| broken("invalid Content-Length"))?;
+        for part in s.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(broken("invalid Content-Length"));
+            }
+            let n: u64 = part.parse().map_err(|_| broken("invalid Content-Length"))?;
+            if found.is_some_and(|f| f != n) {
+                return Err(broken("conflicting Content-Length values"));
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// A response body read straight from its connection.
+pub struct H1Body {
+    /// None once the body is done (or broken).
+    conn: Option<Conn>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// What one step of the body decoder found.
+enum Step {
+    Data(Bytes),
+    NeedMore,
+    Done,
+}
+
+impl H1Body {
+    /// The connection, when the body was read to its end and the replica keeps it open.
+    pub fn take_reusable(&mut self) -> Option<Conn> {
+        if self.framing == Framing::Length(0) && self.keep_alive {
+            self.conn.take()
+        } else {
+            None
+        }
+    }
+
+    /// Marks a finished body (nothing left to read) as done at once.
+    fn settle(&mut self) {
+        if self.framing == Framing::Length(0) && !self.keep_alive {
+            self.conn = None;
+        }
+    }
+
+    fn step(&mut self) -> Result<Step, String> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Step::Done);
+        };
+        let buf = &mut conn.buf;
+        loop {
+            match &mut self.framing {
+                Framing::Length(0) => return Ok(Step::Done),
+                Framing::Length(rest) => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    let n = (*rest).min(buf.len() as u64) as usize;
+                    *rest -= n as u64;
+                    return Ok(Step::Data(buf.split_to(n).freeze()));
+                }
+                Framing::Close => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    return Ok(Step::Data(buf.split().freeze()));
+                }
+                Framing::Chunked(state) => match *state {
+                    Chunk::Size => {
+                        let Some(line) = take_line(buf)? else {
+                            return Ok(Step::NeedMore);
+                        };
+                        let size = chunk_size(&line)?;
+                        *state = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Data(rest) => {
+                        if buf.is_empty() {
+                            return Ok(Step::NeedMore);
+                        }
+                        let n = rest.min(buf.len() as u64) as usize;
+                        *state = if rest == n as u64 {
+                            Chunk::DataEnd
+                        } else {
+                            Chunk::Data(rest - n as u64)
+                        };
+                        return Ok(Step::Data(buf.split_to(n).freeze()));
+                    }
+                    Chunk::DataEnd => {
+                        if buf.len() < 2 {
+                            return Ok(Step::NeedMore);
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err("invalid chunk end".into());
+                        }
+                        buf.advance(2);
+                        *state = Chunk::Size;
+                    }
+                    Chunk::Trailers => {
+                        // Trailer fields are read and dropped.
+                        let Some(line) = take_line(buf)? else {
+                            return Ok(Step::NeedMore);
+                        };
+                        if line.is_empty() {
+                            self.framing = Framing::Length(0);
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A line without its CRLF (or bare LF), consumed from `buf`; None until it is complete.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, String> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(end) => {
+            let mut line = buf.split_to(end + 1);
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_LINE => Err("chunk line too long".into()),
+        None => Ok(None),
+    }
+}
+
+/// The size from a chunk-size line, extensions ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, String> {
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err("invalid chunk size".into());
+    }
+    let mut n = 0u64;
+    for &b in digits {
+        let d = (b as char)
+            .to_digit(16)
+            .ok_or_else(|| "invalid chunk size".to_string())?;
+        n = n * 16 + u64::from(d);
+    }
+    Ok(n)
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            match this.step() {
+                Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Step::Done) => {
+                    if !this.keep_alive {
+                        this.conn = None;
+                    }
+                    return Poll::Ready(None);
+                }
+                Ok(Step::NeedMore) => {}
+                Err(why) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, why))));
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let want = match this.framing {
+                Framing::Length(rest) => (rest as usize).clamp(READ_SIZE, MAX_READ),
+                _ => READ_SIZE,
+            };
+            conn.buf.reserve(want);
+            match ready!(conn.poll_read(cx)) {
+                Ok(0) if this.framing == Framing::Close => {
+                    this.framing = Framing::Length(0);
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "upstream closed the connection mid-body",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Length(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
