@@ -275,7 +275,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
     };
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = status;
-    parts.version = version;
+    // The version is the connection's: the client's connection is answered in its own.
+    parts.version = Version::HTTP_11;
     parts.headers = headers;
     Ok(Parsed::Final(parts, framing, keep_alive))
 }

@@ -1,0 +1,345 @@
+//! gangway's own HTTP/1.1 upstream client (bodiless requests): how it reads what replicas
+//! send, byte for byte, and when it reuses a connection. The replicas here are scripted TCP
+//! servers, so each test controls the exact bytes on the wire.
+
+mod common;
+
+use common::{Client, Gangway, get, raw_exchange, request};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// What a scripted replica does after answering a request.
+#[derive(Clone, Copy, PartialEq)]
+enum After {
+    KeepOpen,
+    Close,
+}
+
+/// A replica that answers each request head with `answer(head)`; counts its connections and
+/// reports each connection it closed on `closed`.
+struct Scripted {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    closed: mpsc::UnboundedReceiver<()>,
+}
+
+impl Scripted {
+    async fn start<F>(answer: F) -> Scripted
+    where
+        F: Fn(&str) -> (Vec<u8>, After) + Send + Sync + 'static,
+    {
+        Self::start_paced(answer, None).await
+    }
+
+    /// Like `start`, writing the answer in pieces of `piece` bytes, each sent on its own.
+    async fn start_paced<F>(answer: F, piece: Option<usize>) -> Scripted
+    where
+        F: Fn(&str) -> (Vec<u8>, After) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let answer = Arc::new(answer);
+        let (tx, closed) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let answer = answer.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let mut buf = Vec::new();
+                    loop {
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        let (bytes, after) = answer(&head);
+                        let sent = match piece {
+                            None => stream.write_all(&bytes).await,
+                            Some(n) => {
+                                let mut r = Ok(());
+                                for p in bytes.chunks(n) {
+                                    r = stream.write_all(p).await;
+                                    if r.is_err() {
+                                        break;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                }
+                                r
+                            }
+                        };
+                        if sent.is_err() || after == After::Close {
+                            drop(stream);
+                            let _ = tx.send(());
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Scripted {
+            addr,
+            connections,
+            closed,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    async fn gangway(&self) -> Gangway {
+        Gangway::start(&format!(
+            "sites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
+            self.addr
+        ))
+        .await
+    }
+}
+
+fn keep(bytes: &[u8]) -> (Vec<u8>, After) {
+    (bytes.to_vec(), After::KeepOpen)
+}
+
+#[tokio::test]
+async fn a_chunked_response_is_relayed_whole_and_its_connection_reused() {
+    // Chunk extensions and a trailer, which are read and dropped.
+    let up = Scripted::start(|_| {
+        keep(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-app: 1\r\n\r\n\
+              5;name=value\r\nhello\r\n7\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
+        )
+    })
+    .await;
+    let gw = up.gangway().await;
+    let mut c = Client::connect(gw.addr).await;
+    for _ in 0..3 {
+        let got = c.get("app.test", "/").await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "hello, world");
+        assert_eq!(got.headers["x-app"], "1");
+    }
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_response_split_into_single_bytes_is_reassembled() {
+    let up = Scripted::start_paced(
+        |_| keep(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\nx-app: slow\r\n\r\nhello world"),
+        Some(1),
+    )
+    .await;
+    let gw = up.gangway().await;
+    let got = get(gw.addr, "app.test", "/").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), "hello world");
+    assert_eq!(got.headers["x-app"], "slow");
+    let chunked = Scripted::start_paced(
+        |_| {
+            keep(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n")
+        },
+        Some(1),
+    )
+    .await;
+    let gw = chunked.gangway().await;
+    let mut c = Client::connect(gw.addr).await;
+    for _ in 0..2 {
+        assert_eq!(c.get("app.test", "/").await.text(), "abc0123456789abcdef");
+    }
+    assert_eq!(chunked.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_response_without_length_is_read_to_the_close_and_not_reused() {
+    let up = Scripted::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\nx-app: 1\r\n\r\nuntil close".to_vec(),
+            After::Close,
+        )
+    })
+    .await;
+    let gw = up.gangway().await;
+    let mut c = Client::connect(gw.addr).await;
+    for _ in 0..2 {
+        let got = c.get("app.test", "/").await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "until close");
+    }
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
+async fn connection_close_and_http_1_0_responses_are_not_reused() {
+    // The replicas keep their connections open: gangway must not use them again.
+    let close = Scripted::start(|_| {
+        keep(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok")
+    })
+    .await;
+    let old = Scripted::start(|_| keep(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")).await;
+    let old_kept = Scripted::start(|_| {
+        keep(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok")
+    })
+    .await;
+    for (up, expected) in [(&close, 3), (&old, 3), (&old_kept, 1)] {
+        let gw = up.gangway().await;
+        let mut c = Client::connect(gw.addr).await;
+        for _ in 0..3 {
+            assert_eq!(c.get("app.test", "/").await.text(), "ok");
+        }
+        assert_eq!(up.connections(), expected);
+    }
+}
+
+#[tokio::test]
+async fn head_204_and_304_responses_have_no_body_and_keep_the_connection() {
+    let up = Scripted::start(|head| {
+        if head.starts_with("HEAD ") {
+            keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+        } else if head.starts_with("GET /204 ") {
+            keep(b"HTTP/1.1 204 No Content\r\n\r\n")
+        } else if head.starts_with("GET /304 ") {
+            keep(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\netag: \"e\"\r\n\r\n")
+        } else {
+            keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+        }
+    })
+    .await;
+    let gw = up.gangway().await;
+    let mut c = Client::connect(gw.addr).await;
+    for _ in 0..2 {
+        let head = c.send(request("HEAD", "app.test", "/", &[])).await;
+        assert_eq!(head.status, 200);
+        assert_eq!(head.headers["content-length"], "5");
+        assert!(head.body.is_empty());
+        let none = c.get("app.test", "/204").await;
+        assert_eq!((none.status.as_u16(), none.body.len()), (204, 0));
+        let same = c.get("app.test", "/304").await;
+        assert_eq!((same.status.as_u16(), same.body.len()), (304, 0));
+        assert_eq!(same.headers["etag"], "\"e\"");
+        assert_eq!(c.get("app.test", "/").await.text(), "hello");
+    }
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn interim_responses_are_skipped() {
+    let up = Scripted::start(|_| {
+        keep(
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n\
+              HTTP/1.1 100 Continue\r\n\r\n\
+              HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        )
+    })
+    .await;
+    let gw = up.gangway().await;
+    let mut c = Client::connect(gw.addr).await;
+    for _ in 0..2 {
+        let got = c.get("app.test", "/").await;
+        assert_eq!((got.status.as_u16(), got.text().as_str()), (200, "ok"));
+    }
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn broken_responses_are_502_and_never_reach_the_client() {
+    let big_head = {
+        let mut h = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..100 {
+            h.extend_from_slice(format!("x-filler-{i}: {}\r\n", "f".repeat(700)).as_bytes());
+        }
+        h.extend_from_slice(b"content-length: 2\r\n\r\nok");
+        h
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("not http", b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()),
+        (
+            "length and chunked",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec(),
+        ),
+        (
+            "two lengths",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok!".to_vec(),
+        ),
+        ("bad length", b"HTTP/1.1 200 OK\r\ncontent-length: -2\r\n\r\nok".to_vec()),
+        ("bad status", b"HTTP/1.1 20 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()),
+        ("head of 70 KiB", big_head),
+    ];
+    for (what, bytes) in cases {
+        let up = Scripted::start(move |_| (bytes.clone(), After::Close)).await;
+        let gw = up.gangway().await;
+        let got = get(gw.addr, "app.test", "/").await;
+        assert_eq!(got.status, 502, "{what}");
+        assert!(!got.text().contains("ok"), "{what}: {}", got.text());
+    }
+}
+
+#[tokio::test]
+async fn a_truncated_body_is_cut_short_for_the_client_too() {
+    let up = Scripted::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec(),
+            After::Close,
+        )
+    })
+    .await;
+    let gw = up.gangway().await;
+    let started = std::time::Instant::now();
+    let raw = raw_exchange(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nhost: app.test\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    // The connection was closed at once, not left hanging.
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // The client never sees a complete response: hyper drops what it had not flushed, or
+    // the client gets the length it was promised and fewer bytes.
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.is_empty()
+            || (text.contains("content-length: 10\r\n") && text.ends_with("\r\n\r\nabc")),
+        "{text:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_replica_closed_is_not_used_for_a_request_that_cannot_be_resent() {
+    // The replica closes each connection after its answer (without saying so). A bodiless
+    // POST cannot be resent, so gangway must see the close before it writes.
+    let mut up = Scripted::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            After::Close,
+        )
+    })
+    .await;
+    let gw = up.gangway().await;
+    for i in 0..3 {
+        let post = request("POST", "app.test", "/", &[("content-length", "0")]);
+        let got = Client::connect(gw.addr).await.send(post).await;
+        assert_eq!(
+            (got.status.as_u16(), got.text().as_str()),
+            (200, "ok"),
+            "request {i}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), up.closed.recv())
+            .await
+            .expect("the replica closed its connection");
+    }
+    assert_eq!(up.connections(), 3);
+}
