@@ -343,3 +343,230 @@ async fn an_idle_connection_the_replica_closed_is_not_used_for_a_request_that_ca
     }
     assert_eq!(up.connections(), 3);
 }
+
+/// A replica that echoes each request body back and records each request head; decodes a
+/// chunked body itself, so the test sees exactly what gangway framed.
+struct Echo {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    heads: mpsc::UnboundedReceiver<String>,
+}
+
+async fn read_until(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    pat: &[u8],
+) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(pat.len()).position(|w| w == pat) {
+            return Some(i + pat.len());
+        }
+        let mut chunk = [0u8; 65536];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn read_exact_buf(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    n: usize,
+) -> Option<Vec<u8>> {
+    while buf.len() < n {
+        let mut chunk = [0u8; 65536];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+    Some(buf.drain(..n).collect())
+}
+
+impl Echo {
+    async fn start() -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let (tx, heads) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some(end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                        buf.drain(..end);
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|v| v.trim().parse::<usize>().ok());
+                        let body = if let Some(n) = length {
+                            read_exact_buf(&mut stream, &mut buf, n).await
+                        } else if head.contains("transfer-encoding: chunked") {
+                            let mut body = Vec::new();
+                            loop {
+                                let Some(end) = read_until(&mut stream, &mut buf, b"\r\n").await
+                                else {
+                                    return;
+                                };
+                                let line = String::from_utf8_lossy(&buf[..end - 2]).into_owned();
+                                buf.drain(..end);
+                                let size =
+                                    usize::from_str_radix(line.trim(), 16).expect("chunk size");
+                                let Some(data) =
+                                    read_exact_buf(&mut stream, &mut buf, size + 2).await
+                                else {
+                                    return;
+                                };
+                                if size == 0 {
+                                    break;
+                                }
+                                body.extend_from_slice(&data[..size]);
+                            }
+                            Some(body)
+                        } else {
+                            Some(Vec::new())
+                        };
+                        let Some(body) = body else { return };
+                        let _ = tx.send(head);
+                        let mut out =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+                                .into_bytes();
+                        out.extend_from_slice(&body);
+                        if stream.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Echo {
+            addr,
+            connections,
+            heads,
+        }
+    }
+}
+
+fn upload(
+    host: &str,
+    body: Vec<u8>,
+    chunked: bool,
+) -> hyper::Request<http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>> {
+    use http_body_util::BodyExt;
+    let mut b = hyper::Request::builder()
+        .method("POST")
+        .uri("/upload")
+        .header("host", host);
+    if chunked {
+        // Sent in three pieces of unknown total length: hyper frames them chunked.
+        let pieces: Vec<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>> = body
+            .chunks(body.len().div_ceil(3))
+            .map(|c| Ok(hyper::body::Frame::data(bytes::Bytes::copy_from_slice(c))))
+            .collect();
+        let stream = futures_util::stream::iter(pieces);
+        return b
+            .body(http_body_util::StreamBody::new(stream).boxed())
+            .unwrap();
+    }
+    b = b.header("content-length", body.len().to_string());
+    b.body(
+        http_body_util::Full::new(bytes::Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn request_bodies_reach_the_replica_exactly_with_length_or_chunked() {
+    let mut up = Echo::start().await;
+    let gw = Gangway::start(&format!(
+        "sites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
+        up.addr
+    ))
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    for chunked in [false, true, false] {
+        let got = c.send(upload("app.test", body.clone(), chunked)).await;
+        assert_eq!(got.status, 200);
+        assert!(
+            got.body == body,
+            "chunked {chunked}: {} bytes back",
+            got.body.len()
+        );
+        let head = up.heads.recv().await.expect("head");
+        if chunked {
+            assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+            assert!(!head.contains("content-length"), "{head}");
+        } else {
+            assert!(head.contains("content-length: 300000\r\n"), "{head}");
+            assert!(!head.contains("transfer-encoding"), "{head}");
+        }
+    }
+    // Each finished upload left its connection clean for the next request.
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_early_answer_to_an_upload_is_relayed_and_its_connection_dropped() {
+    // The replica refuses the upload from its head, without reading the body.
+    let up = Scripted::start(|head| {
+        if head.starts_with("POST ") {
+            keep(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
+        } else {
+            keep(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        }
+    })
+    .await;
+    let gw = up.gangway().await;
+    let body = vec![7u8; 8 * 1024 * 1024];
+    let got = Client::connect(gw.addr)
+        .await
+        .send(upload("app.test", body, false))
+        .await;
+    assert_eq!(got.status, 413);
+    assert_eq!(got.text(), "too big!");
+    // That connection still holds the unread upload: the next request needs a new one.
+    assert_eq!(get(gw.addr, "app.test", "/").await.text(), "ok");
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
+async fn bytes_a_replica_sends_right_after_its_101_reach_the_client() {
+    let up = Scripted::start(|_| {
+        keep(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: demo\r\nconnection: upgrade\r\n\r\nHELLO")
+    })
+    .await;
+    let gw = up.gangway().await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: app.test\r\nconnection: upgrade\r\nupgrade: demo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut chunk = [0u8; 1024];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.ends_with(b"HELLO") {
+                return String::from_utf8_lossy(&buf).into_owned();
+            }
+        }
+    })
+    .await
+    .expect("the 101 and the replica's first bytes");
+    assert!(
+        got.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{got}"
+    );
+    assert!(got.to_lowercase().contains("upgrade: demo\r\n"), "{got}");
+}

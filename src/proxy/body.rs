@@ -6,7 +6,6 @@
 use crate::config::AccessLog;
 use crate::upstream::Replica;
 use crate::upstream::h1::H1Body;
-use crate::upstream::pool::Sender;
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
@@ -146,11 +145,8 @@ impl std::fmt::Display for ReplicaField {
 }
 
 enum Inner {
-    Upstream {
-        body: Incoming,
-        /// The connection to give back once `body` is read to the end.
-        conn: Option<(Sender, Arc<Replica>)>,
-    },
+    /// A body over h2c.
+    Upstream(Incoming),
     /// A body read by gangway's own HTTP/1.1 client; its connection goes back to the
     /// replica's pool when the body is done.
     H1 {
@@ -194,12 +190,11 @@ impl Drop for InFlight {
 impl ProxyBody {
     pub fn upstream(
         body: Incoming,
-        conn: Option<(Sender, Arc<Replica>)>,
         log: Option<Box<AccessRecord>>,
         in_flight: Option<InFlight>,
     ) -> Self {
         ProxyBody {
-            inner: Inner::Upstream { body, conn },
+            inner: Inner::Upstream(body),
             log,
             _in_flight: in_flight,
             _streaming: None,
@@ -264,27 +259,19 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(None) => {
                         if let Some(conn) = body.take_reusable() {
-                            replica.pool.put_raw(conn);
+                            replica.pool.put(conn);
                         }
                     }
                     _ => {}
                 }
                 polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
             }
-            Inner::Upstream { body, conn } => {
+            Inner::Upstream(body) => {
                 let polled = Pin::new(body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let (Some(data), Some(log)) = (frame.data_ref(), this.log.as_mut()) {
-                            log.bytes += data.len() as u64;
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        if let Some((sender, replica)) = conn.take() {
-                            replica.pool.put(sender);
-                        }
-                    }
-                    _ => {}
+                if let Poll::Ready(Some(Ok(frame))) = &polled
+                    && let (Some(data), Some(log)) = (frame.data_ref(), this.log.as_mut())
+                {
+                    log.bytes += data.len() as u64;
                 }
                 polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
             }
@@ -294,7 +281,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(data) => data.is_none(),
-            Inner::Upstream { body, .. } => body.is_end_stream(),
+            Inner::Upstream(body) => body.is_end_stream(),
             Inner::H1 { body, .. } => body.is_end_stream(),
         }
     }
@@ -303,7 +290,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Inner::Full(None) => SizeHint::with_exact(0),
-            Inner::Upstream { body, .. } => body.size_hint(),
+            Inner::Upstream(body) => body.size_hint(),
             Inner::H1 { body, .. } => body.size_hint(),
         }
     }
@@ -313,17 +300,11 @@ impl Drop for ProxyBody {
     fn drop(&mut self) {
         // A body with nothing to read (HEAD, 204, Content-Length: 0) is never polled to its
         // end; its connection is still clean.
-        if let Inner::Upstream { body, conn } = &mut self.inner
-            && body.is_end_stream()
-            && let Some((sender, replica)) = conn.take()
-        {
-            replica.pool.put(sender);
-        }
         if let Inner::H1 { body, replica } = &mut self.inner
             && body.is_end_stream()
             && let Some(conn) = body.take_reusable()
         {
-            replica.pool.put_raw(conn);
+            replica.pool.put(conn);
         }
         if let Some(log) = &self.log {
             log.emit();

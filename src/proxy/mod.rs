@@ -8,8 +8,8 @@ use crate::admin::stats::ServerStats;
 use crate::config::{AccessLog, Balance, Config, Timeouts, TrustedProxies, UpstreamProtocol};
 use crate::upstream::PickCtx;
 use crate::upstream::Replica;
-use crate::upstream::h1::{H1Body, SendError};
-use crate::upstream::pool::{self, ConnectError, ReqBody, Sender};
+use crate::upstream::h1::{Conn, H1Body, SendError};
+use crate::upstream::pool::{self, ConnectError, ReqBody};
 use body::{AccessRecord, InFlight, ProxyBody};
 use bytes::Bytes;
 use headers::Forwarding;
@@ -108,8 +108,8 @@ impl Failure {
 
 /// The outcome of trying one replica.
 enum Attempt {
-    /// The response, and the HTTP/1.1 connection to pool once its body is read.
-    Sent(Response<Incoming>, Option<Sender>),
+    /// The response over h2c.
+    Sent(Response<Incoming>),
     /// The response from gangway's own client, whose body gives its connection back.
     SentOwn(Response<H1Body>),
     /// Nothing was sent: the request comes back to try elsewhere (none for gangway's own
@@ -357,19 +357,18 @@ impl Proxy {
         let retries = &backend.policy.retries;
         let retry_after_send =
             bodiless && retries.attempts > 1 && retries.methods.contains(&parts.method);
-        // Bodiless HTTP/1.1 requests go through gangway's own client; the others through
-        // hyper's, which streams a request body while the response comes.
-        let own_client = bodiless && !h2c && !upgrade;
-        let copy = (retry_after_send && !own_client).then(|| RequestCopy::of(&parts));
-        let (own, mut req) = if own_client {
-            (Some(parts), None)
-        } else {
+        // HTTP/1.1 goes through gangway's own client, which borrows the request; h2c
+        // through hyper's, which consumes it (hence the copy for a resend).
+        let copy = (retry_after_send && h2c).then(|| RequestCopy::of(&parts));
+        let (own, mut upload, mut req) = if h2c {
             let body: ReqBody = if bodiless {
                 Either::Right(Empty::new())
             } else {
                 Either::Left(body)
             };
-            (None, Some(Request::from_parts(parts, body)))
+            (None, None, Some(Request::from_parts(parts, body)))
+        } else {
+            (Some(parts), (!bodiless).then_some(body), None)
         };
 
         let mut tried = [0usize; MAX_TRIES];
@@ -389,23 +388,29 @@ impl Proxy {
             }
             let in_flight = InFlight::new(replica);
             let attempt = match (&own, req.take()) {
-                (Some(parts), _) => self.attempt_own(replica, parts, retry_after_send).await,
+                (Some(parts), _) => {
+                    let to_send = Outgoing {
+                        parts,
+                        body: upload.as_mut(),
+                        upgrade,
+                        resend: retry_after_send,
+                    };
+                    self.attempt_own(replica, to_send).await
+                }
                 // Boxed: h2c is the rare case, and its state would enlarge every request.
-                (None, Some(r)) if h2c => Box::pin(self.attempt_h2(replica, r)).await,
-                (None, Some(r)) => self.attempt(replica, r, upgrade, copy.as_ref()).await,
+                (None, Some(r)) => Box::pin(self.attempt_h2(replica, r)).await,
                 (None, None) => break,
             };
             let passive = backend.policy.passive.as_ref();
             match attempt {
-                Attempt::Sent(resp, sender) => {
+                Attempt::Sent(resp) => {
                     self.record_response(replica, resp.status(), start, &mut log, passive);
-                    let resp =
-                        self.respond(resp, sender, replica, client_upgrade.take(), log, in_flight);
+                    let resp = respond_h2c(resp, log, in_flight);
                     return self.decorate(resp, backend, sticky, replica, conn);
                 }
                 Attempt::SentOwn(resp) => {
                     self.record_response(replica, resp.status(), start, &mut log, passive);
-                    let resp = respond_own(resp, replica, log, in_flight);
+                    let resp = self.respond(resp, replica, client_upgrade.take(), log, in_flight);
                     return self.decorate(resp, backend, sticky, replica, conn);
                 }
                 Attempt::NotConnected(back, e) => {
@@ -448,90 +453,39 @@ impl Proxy {
         fail(Failure::Unreachable, log, &last_error)
     }
 
-    /// Sends `req` to one replica, on a pooled connection when one is idle. `resend` is the
-    /// copy of a request that may be sent twice (bodiless and idempotent).
-    async fn attempt(
-        &self,
-        replica: &Arc<Replica>,
-        mut req: Request<ReqBody>,
-        upgrade: bool,
-        resend: Option<&RequestCopy>,
-    ) -> Attempt {
-        // An upgraded connection is never returned to the pool, so take a fresh one for it.
-        if !upgrade {
-            while let Some(sender) = replica.pool.take_idle() {
-                match self.send(sender, req).await {
-                    // The keep-alive race: the replica closed this idle connection as our
-                    // request went out (a replica shutting down does so), so it most likely
-                    // never handled it. Once, on a new connection, not counted as a retry.
-                    Ok(Attempt::Failed(Failure::UpstreamBroken, _)) if let Some(copy) = resend => {
-                        req = copy.rebuild();
-                        break;
-                    }
-                    Ok(sent) => return sent,
-                    // The pooled connection was closed before our request was written.
-                    Err(back) => req = back,
-                }
-            }
-        }
-        // Boxed: a new connection is the rare case (the pool serves most requests), and its
-        // handshake state would enlarge every request's future, which hyper moves into a box.
-        let connect = Box::pin(pool::connect(replica.addr, self.timeouts.upstream_connect));
-        let sender = match connect.await {
-            Ok(s) => s,
-            Err(e) => return Attempt::NotConnected(Some(req), e),
-        };
-        match self.send(sender, req).await {
-            Ok(sent) => sent,
-            Err(back) => Attempt::NotConnected(
-                Some(back),
-                ConnectError::Io(std::io::Error::other("connection closed at once")),
-            ),
-        }
-    }
-
-    /// Sends a bodiless request to one replica with gangway's own client, on a pooled
-    /// connection when one is idle. `resend`: the request may be sent twice.
-    async fn attempt_own(
-        &self,
-        replica: &Arc<Replica>,
-        parts: &http::request::Parts,
-        resend: bool,
-    ) -> Attempt {
-        while let Some(conn) = replica.pool.take_raw() {
-            match self.send_own(conn, parts).await {
+    /// Sends a request to one replica with gangway's own client, on a pooled connection
+    /// when one is idle (an upgrade always gets a new one: it is never pooled again).
+    async fn attempt_own(&self, replica: &Arc<Replica>, mut out: Outgoing<'_>) -> Attempt {
+        while !out.upgrade
+            && let Some(conn) = replica.pool.take()
+        {
+            match self.send_own(conn, &mut out).await {
                 // The pooled connection failed as the request went out: nothing was done.
                 Err(SendError::Unsent(_)) => {}
                 // The keep-alive race: the replica closed this idle connection as our
                 // request went out (a replica shutting down does so), so it most likely
                 // never handled it. Once, on a new connection, not counted as a retry.
-                Err(SendError::Closed) if resend => break,
+                Err(SendError::Closed) if out.resend => break,
                 Err(e) => return Attempt::Failed(Failure::UpstreamBroken, e.to_string()),
                 Ok(sent) => return sent,
             }
         }
         // Boxed: a new connection is the rare case (the pool serves most requests).
-        let connect = Box::pin(pool::connect_raw(
-            replica.addr,
-            self.timeouts.upstream_connect,
-        ));
+        let connect = Box::pin(pool::connect(replica.addr, self.timeouts.upstream_connect));
         let conn = match connect.await {
             Ok(c) => c,
             Err(e) => return Attempt::NotConnected(None, e),
         };
-        match self.send_own(conn, parts).await {
+        match self.send_own(conn, &mut out).await {
             Ok(sent) => sent,
             Err(SendError::Unsent(e)) => Attempt::NotConnected(None, ConnectError::Io(e)),
             Err(e) => Attempt::Failed(Failure::UpstreamBroken, e.to_string()),
         }
     }
 
-    async fn send_own(
-        &self,
-        conn: crate::upstream::h1::Conn,
-        parts: &http::request::Parts,
-    ) -> Result<Attempt, SendError> {
-        match tokio::time::timeout(self.timeouts.upstream_header, conn.send(parts)).await {
+    async fn send_own(&self, conn: Conn, out: &mut Outgoing<'_>) -> Result<Attempt, SendError> {
+        let send = conn.send(out.parts, out.body.as_deref_mut());
+        match tokio::time::timeout(self.timeouts.upstream_header, send).await {
             Err(_) => Ok(Attempt::Failed(Failure::Timeout, String::new())),
             Ok(Ok(resp)) => Ok(Attempt::SentOwn(resp)),
             Ok(Err(e)) => Err(e),
@@ -608,7 +562,7 @@ impl Proxy {
             tokio::time::timeout(self.timeouts.upstream_header, sender.try_send_request(req));
         match sent.await {
             Err(_) => Attempt::Failed(Failure::Timeout, String::new()),
-            Ok(Ok(resp)) => Attempt::Sent(resp, None),
+            Ok(Ok(resp)) => Attempt::Sent(resp),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(req) => Attempt::NotConnected(
                     Some(req),
@@ -619,34 +573,11 @@ impl Proxy {
         }
     }
 
-    /// Sends on one connection. `Err` gives the request back when nothing was written.
-    async fn send(
-        &self,
-        mut sender: Sender,
-        req: Request<ReqBody>,
-    ) -> Result<Attempt, Request<ReqBody>> {
-        if sender.ready().await.is_err() {
-            return Err(req);
-        }
-        let sent =
-            tokio::time::timeout(self.timeouts.upstream_header, sender.try_send_request(req));
-        match sent.await {
-            Err(_) => Ok(Attempt::Failed(Failure::Timeout, String::new())),
-            Ok(Ok(resp)) => Ok(Attempt::Sent(resp, Some(sender))),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(req) => Err(req),
-                None => Ok(Attempt::Failed(
-                    Failure::UpstreamBroken,
-                    e.into_error().to_string(),
-                )),
-            },
-        }
-    }
-
+    /// Relays a response from gangway's own client; a `101` to an upgrade request
+    /// becomes a tunnel between the two connections.
     fn respond(
         &self,
-        mut resp: Response<Incoming>,
-        sender: Option<Sender>,
+        resp: Response<H1Body>,
         replica: &Arc<Replica>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         mut log: Option<Box<AccessRecord>>,
@@ -655,66 +586,68 @@ impl Proxy {
         if let Some(l) = log.as_mut() {
             l.status = resp.status();
         }
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let addr = replica.addr;
-                let stats = Arc::clone(&self.stats);
-                tokio::spawn(async move {
-                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                        Ok((client, upstream)) => {
-                            let _open = crate::admin::stats::GaugeGuard::new(&stats.websockets);
-                            let mut client = TokioIo::new(client);
-                            let mut upstream = TokioIo::new(upstream);
-                            if let Err(e) =
-                                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                            {
-                                tracing::debug!(replica = %addr, error = %e, "tunnel ended");
-                            }
-                        }
-                        Err(e) => tracing::debug!(replica = %addr, error = %e, "upgrade failed"),
-                    }
-                });
-                let (parts, _) = resp.into_parts();
-                return Response::from_parts(parts, ProxyBody::empty(log));
-            }
+        let (mut parts, body) = resp.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             // A 101 nobody asked for cannot be relayed.
-            return fail(Failure::UpstreamBroken, log, "unexpected 101 from upstream");
+            let (Some(client_upgrade), Some((upstream, early))) =
+                (client_upgrade, body.into_upgraded())
+            else {
+                return fail(Failure::UpstreamBroken, log, "unexpected 101 from upstream");
+            };
+            let addr = replica.addr;
+            let stats = Arc::clone(&self.stats);
+            tokio::spawn(async move {
+                let client = match client_upgrade.await {
+                    Ok(client) => client,
+                    Err(e) => {
+                        tracing::debug!(replica = %addr, error = %e, "upgrade failed");
+                        return;
+                    }
+                };
+                let _open = crate::admin::stats::GaugeGuard::new(&stats.websockets);
+                let mut client = TokioIo::new(client);
+                let mut upstream = upstream;
+                // What the replica sent right after its 101 goes first.
+                let tunnel = async {
+                    tokio::io::AsyncWriteExt::write_all(&mut client, &early).await?;
+                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                };
+                if let Err(e) = tunnel.await {
+                    tracing::debug!(replica = %addr, error = %e, "tunnel ended");
+                }
+            });
+            return Response::from_parts(parts, ProxyBody::empty(log));
         }
-        headers::remove_hop_by_hop(resp.headers_mut(), false);
-        let (parts, body) = resp.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers, false);
         Response::from_parts(
             parts,
-            ProxyBody::upstream(
-                body,
-                sender.map(|s| (s, Arc::clone(replica))),
-                log,
-                Some(in_flight),
-            ),
+            ProxyBody::h1(body, Arc::clone(replica), log, in_flight),
         )
     }
 }
 
-/// The response from gangway's own client, relayed.
-fn respond_own(
-    resp: Response<H1Body>,
-    replica: &Arc<Replica>,
+/// A response over h2c, relayed.
+fn respond_h2c(
+    resp: Response<Incoming>,
     mut log: Option<Box<AccessRecord>>,
     in_flight: InFlight,
 ) -> Response<ProxyBody> {
     if let Some(l) = log.as_mut() {
         l.status = resp.status();
     }
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        // A 101 nobody asked for cannot be relayed.
-        return fail(Failure::UpstreamBroken, log, "unexpected 101 from upstream");
-    }
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(
-        parts,
-        ProxyBody::h1(body, Arc::clone(replica), log, in_flight),
-    )
+    Response::from_parts(parts, ProxyBody::upstream(body, log, Some(in_flight)))
+}
+
+/// What gangway's own client sends: the request, borrowed, so it can be sent again.
+struct Outgoing<'a> {
+    parts: &'a http::request::Parts,
+    /// The client's body, streamed as it comes (none for a bodiless request).
+    body: Option<&'a mut Incoming>,
+    upgrade: bool,
+    /// May be sent twice (bodiless and idempotent).
+    resend: bool,
 }
 
 /// Tries per request at most (connect failures included): more replicas than this are

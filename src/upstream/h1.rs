@@ -1,12 +1,15 @@
-//! gangway's own HTTP/1.1 client connection to a replica, for requests without a body.
+//! gangway's own HTTP/1.1 client connection to a replica.
 //!
 //! hyper's client runs each connection as a task of its own and hands requests, responses
 //! and body chunks to it through channels: a proxied request then crosses between the client
 //! connection's task and the upstream connection's task four times. Here the request's own
 //! task writes the head, reads the response head and streams the body straight from the
 //! socket, and an idle connection is only a socket and its buffer in the pool, with no task.
-//! Requests with a body and upgrades keep hyper's client (see `pool`), whose full-duplex
-//! streaming they need.
+//!
+//! A request body is streamed as it arrives (its own length, or chunked when it has none)
+//! while the replica is watched for an early answer (a 413 before the upload ends): the
+//! answer is relayed and the connection, its request unfinished, is not reused. A `101`
+//! hands the socket and any bytes after the head to the caller for the tunnel.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -106,29 +109,63 @@ impl Conn {
         }
     }
 
-    /// Sends a bodiless request and reads the response head. The body is read through the
-    /// returned [`H1Body`], which gives the connection back when it can be reused.
-    pub async fn send(
+    /// Sends a request and reads the response head; `body` is streamed after the head (it
+    /// is only read from once the head is written, so on [`SendError::Unsent`] it is whole).
+    /// The response body is read through the returned [`H1Body`], which gives the
+    /// connection back when it can be reused.
+    pub async fn send<B>(
         mut self,
         req: &http::request::Parts,
-    ) -> Result<http::Response<H1Body>, SendError> {
-        encode_head(&mut self.out, req);
+        body: Option<&mut B>,
+    ) -> Result<http::Response<H1Body>, SendError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let chunked = body.is_some() && !req.headers.contains_key(header::CONTENT_LENGTH);
+        encode_head(&mut self.out, req, chunked);
         if let Err(e) = self.io.write_all(&self.out).await {
             return Err(SendError::Unsent(e));
         }
-        let mut received = false;
+        if let Some(body) = body
+            && let Some((head, framing, _)) = self.upload(body, chunked, &req.method).await?
+        {
+            // The replica answered before the request ended: relay its answer, and never
+            // reuse a connection whose request is unfinished.
+            return Ok(self.respond(head, framing, false));
+        }
+        let (head, framing, keep_alive) = self.read_head(&req.method).await?;
+        Ok(self.respond(head, framing, keep_alive))
+    }
+
+    fn respond(
+        self,
+        head: http::response::Parts,
+        framing: Framing,
+        keep_alive: bool,
+    ) -> http::Response<H1Body> {
+        let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
+        let mut body = H1Body {
+            conn: Some(self),
+            framing,
+            keep_alive: keep_alive && !upgraded,
+        };
+        // A 101's connection is kept for the tunnel, never pooled.
+        if !upgraded {
+            body.settle();
+        }
+        http::Response::from_parts(head, body)
+    }
+
+    /// Reads until a final response head is complete.
+    async fn read_head(&mut self, method: &Method) -> Result<Head, SendError> {
+        let mut received = !self.buf.is_empty();
         loop {
             if !self.buf.is_empty() {
                 received = true;
-                match parse_head(&mut self.buf, &req.method)? {
+                match parse_head(&mut self.buf, method)? {
                     Parsed::Final(head, framing, keep_alive) => {
-                        let mut body = H1Body {
-                            conn: Some(self),
-                            framing,
-                            keep_alive,
-                        };
-                        body.settle();
-                        return Ok(http::Response::from_parts(head, body));
+                        return Ok((head, framing, keep_alive));
                     }
                     // An interim response (100 Continue, 103 Early Hints) was consumed.
                     Parsed::Interim => continue,
@@ -158,6 +195,86 @@ impl Conn {
         }
     }
 
+    /// Streams `body` to the replica. Returns early with the replica's final response head
+    /// when one arrives before the body ends; `None` once the whole body is written.
+    async fn upload<B>(
+        &mut self,
+        body: &mut B,
+        chunked: bool,
+        method: &Method,
+    ) -> Result<Option<Head>, SendError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let mut pending: Option<Outgoing> = None;
+        let mut body_done = false;
+        std::future::poll_fn(|cx| {
+            loop {
+                // Anything from the replica yet? An answer ends the upload.
+                if self.buf.len() < MAX_HEAD {
+                    self.buf.reserve(READ_SIZE);
+                    match self.poll_read(cx) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(broken(
+                                "replica closed the connection during the upload",
+                            )));
+                        }
+                        Poll::Ready(Ok(_)) => match parse_head(&mut self.buf, method)? {
+                            Parsed::Final(head, framing, keep_alive) => {
+                                return Poll::Ready(Ok(Some((head, framing, keep_alive))));
+                            }
+                            Parsed::Interim | Parsed::Partial => continue,
+                        },
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(broken(e.to_string()))),
+                        Poll::Pending => {}
+                    }
+                }
+                if let Some(out) = pending.as_mut() {
+                    match tokio_util::io::poll_write_buf(Pin::new(&mut self.io), cx, out) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(broken("replica stopped reading the upload")));
+                        }
+                        Poll::Ready(Ok(_)) => {
+                            if !out.has_remaining() {
+                                pending = None;
+                            }
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Err(broken(format!("upload failed: {e}"))));
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                if body_done {
+                    return Poll::Ready(Ok(None));
+                }
+                match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        // Trailers are dropped: few replicas read them.
+                        if let Ok(data) = frame.into_data()
+                            && !data.is_empty()
+                        {
+                            pending = Some(Outgoing::data(data, chunked));
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        body_done = true;
+                        if chunked {
+                            pending = Some(Outgoing::last_chunk());
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        return Poll::Ready(Err(broken(format!("client request body: {e}"))));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await
+    }
+
     async fn read(&mut self) -> io::Result<usize> {
         std::future::poll_fn(|cx| self.poll_read(cx)).await
     }
@@ -167,8 +284,36 @@ impl Conn {
     }
 
     /// The socket and any bytes read past the response head, for an upgraded connection.
-    pub fn into_parts(self) -> (TcpStream, Bytes) {
+    fn into_parts(self) -> (TcpStream, Bytes) {
         (self.io, self.buf.freeze())
+    }
+}
+
+/// A final response head, its body's framing and whether the connection stays open.
+type Head = (http::response::Parts, Framing, bool);
+
+/// Bytes of the request body on their way to the replica, with their chunk framing.
+type Outgoing = bytes::buf::Chain<bytes::buf::Chain<Bytes, Bytes>, &'static [u8]>;
+
+trait OutgoingExt {
+    fn data(data: Bytes, chunked: bool) -> Outgoing;
+    fn last_chunk() -> Outgoing;
+}
+
+impl OutgoingExt for Outgoing {
+    fn data(data: Bytes, chunked: bool) -> Outgoing {
+        if chunked {
+            let size = Bytes::from(format!("{:x}\r\n", data.len()));
+            size.chain(data).chain(&b"\r\n"[..])
+        } else {
+            Bytes::new().chain(data).chain(&b""[..])
+        }
+    }
+
+    fn last_chunk() -> Outgoing {
+        Bytes::from_static(b"0\r\n\r\n")
+            .chain(Bytes::new())
+            .chain(&b""[..])
     }
 }
 
@@ -179,10 +324,10 @@ enum Parsed {
 }
 
 /// `GET /path HTTP/1.1\r\n`, the headers, and the blank line.
-fn encode_head(out: &mut Vec<u8>, req: &http::request::Parts) {
+fn encode_head(out: &mut Vec<u8>, req: &http::request::Parts, chunked: bool) {
     out.clear();
     let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut size = req.method.as_str().len() + target.len() + 13;
+    let mut size = req.method.as_str().len() + target.len() + 13 + 28;
     for (name, value) in &req.headers {
         size += name.as_str().len() + value.len() + 4;
     }
@@ -196,6 +341,9 @@ fn encode_head(out: &mut Vec<u8>, req: &http::request::Parts) {
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -341,6 +489,11 @@ impl H1Body {
         } else {
             None
         }
+    }
+
+    /// The socket and the bytes already read from it, after a `101 Switching Protocols`.
+    pub fn into_upgraded(mut self) -> Option<(TcpStream, Bytes)> {
+        self.conn.take().map(Conn::into_parts)
     }
 
     /// Marks a finished body (nothing left to read) as done at once.

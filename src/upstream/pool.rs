@@ -1,13 +1,14 @@
-//! Keep-alive HTTP/1.1 connections to one replica.
+//! Keep-alive HTTP/1.1 connections to one replica, and the shared h2c connection.
 //!
 //! A connection is checked out for one request and returned when the response body has been
-//! read to its end (see [`PooledConn`]); a connection whose body was abandoned is closed, never
-//! reused half-read. The lock is a plain mutex held for a push or a pop, never across `.await`.
+//! read to its end (see [`h1::H1Body`]); a connection whose body was abandoned is closed,
+//! never reused half-read. The lock is a plain mutex held for a push or a pop, never across
+//! `.await`.
 
 use super::h1;
 use crate::server::workers::PerWorker;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::io;
 use std::net::SocketAddr;
@@ -24,25 +25,17 @@ const MAX_IDLE: usize = 256;
 /// which can be rebuilt and retried on another replica).
 pub type ReqBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
 
-pub type Sender = http1::SendRequest<ReqBody>;
-
 struct Idle {
-    sender: Sender,
+    conn: h1::Conn,
     since: Instant,
 }
 
-/// Idle connections, one list per worker thread: a connection's task runs on the worker
-/// that opened it, so only that worker takes it again (no request crosses threads).
+/// Idle connections, one list per worker thread: a connection is registered with the
+/// runtime of the worker that opened it, so only that worker takes it again (no request
+/// crosses threads).
 #[derive(Default)]
 pub struct ConnPool {
     idle: PerWorker<Mutex<Vec<Idle>>>,
-    /// Connections of gangway's own client ([`h1`]), for bodiless requests.
-    raw: PerWorker<Mutex<Vec<IdleRaw>>>,
-}
-
-struct IdleRaw {
-    conn: h1::Conn,
-    since: Instant,
 }
 
 /// Why no connection could be had.
@@ -64,40 +57,10 @@ impl std::fmt::Display for ConnectError {
 }
 
 impl ConnPool {
-    /// An idle connection that is not known to be closed, if any. Call `ready()` on it.
-    pub fn take_idle(&self) -> Option<Sender> {
+    /// An idle connection that is still open, if any.
+    pub fn take(&self) -> Option<h1::Conn> {
         let now = Instant::now();
         let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(conn) = idle.pop() {
-            if !conn.sender.is_closed() && now.duration_since(conn.since) < MAX_IDLE_AGE {
-                return Some(conn.sender);
-            }
-        }
-        None
-    }
-
-    /// Returns a connection whose last response was read to the end. It may not be ready
-    /// for the next request yet (its task is still finishing the last one): the taker waits
-    /// for `ready()`.
-    pub fn put(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
-        }
-    }
-}
-
-impl ConnPool {
-    /// An idle connection of gangway's own client that is still open, if any.
-    pub fn take_raw(&self) -> Option<h1::Conn> {
-        let now = Instant::now();
-        let mut idle = self.raw.mine().lock().unwrap_or_else(|p| p.into_inner());
         while let Some(mut idle_conn) = idle.pop() {
             if now.duration_since(idle_conn.since) < MAX_IDLE_AGE && idle_conn.conn.is_reusable() {
                 return Some(idle_conn.conn);
@@ -107,10 +70,10 @@ impl ConnPool {
     }
 
     /// Returns a connection whose last response was read to its end.
-    pub fn put_raw(&self, conn: h1::Conn) {
-        let mut idle = self.raw.mine().lock().unwrap_or_else(|p| p.into_inner());
+    pub fn put(&self, conn: h1::Conn) {
+        let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push(IdleRaw {
+            idle.push(Idle {
                 conn,
                 since: Instant::now(),
             });
@@ -118,25 +81,9 @@ impl ConnPool {
     }
 }
 
-/// Opens a new connection for gangway's own HTTP/1.1 client.
-pub async fn connect_raw(addr: SocketAddr, timeout: Duration) -> Result<h1::Conn, ConnectError> {
+/// Opens a new HTTP/1.1 connection for gangway's own client.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<h1::Conn, ConnectError> {
     Ok(h1::Conn::new(tcp(addr, timeout).await?))
-}
-
-/// Opens a new HTTP/1.1 connection. The connection task runs until the peer or every sender
-/// is gone; it supports upgrades, so the same path serves WebSocket.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
-    let stream = tcp(addr, timeout).await?;
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
-        }
-    });
-    Ok(sender)
 }
 
 pub type H2Sender = http2::SendRequest<ReqBody>;
