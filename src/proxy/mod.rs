@@ -158,8 +158,29 @@ impl Proxy {
     }
 
     /// Handles one request end to end; never fails (errors become responses).
+    ///
+    /// The request is taken apart and rewritten by plain functions, and only the attempts
+    /// are awaited, on a borrowed [`Prepared`]: an `async fn` keeps its own copy of what it
+    /// is given, and hyper moves the whole future (into its dispatcher for HTTP/1.1, into
+    /// a task for each HTTP/2 stream), so passing the request down through nested async
+    /// functions made the future 4.4 KB.
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
-        let mut resp = self.forward(req, conn).await;
+        let mut p = match self.prepare(req, conn) {
+            Prep::Forward(p) => p,
+            Prep::Respond(resp) => return self.finish(resp, conn),
+            Prep::Challenge(c) => {
+                // Boxed: rare, and its state would enlarge every request.
+                let resp = Box::pin(self.challenge(*c, conn)).await;
+                return self.finish(resp, conn);
+            }
+        };
+        let resp = self.dispatch(&mut p, conn).await;
+        p.record(&resp);
+        self.finish(resp, conn)
+    }
+
+    /// HSTS on HTTPS responses, when configured.
+    fn finish(&self, mut resp: Response<ProxyBody>, conn: &ConnInfo) -> Response<ProxyBody> {
         if conn.proto == "https"
             && let Some(hsts) = &self.hsts
         {
@@ -169,7 +190,8 @@ impl Proxy {
         resp
     }
 
-    async fn forward(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+    /// Checks the host, then routes (or sets an HTTP-01 token request aside).
+    fn prepare(&self, req: Request<Incoming>, conn: &ConnInfo) -> Prep<'_> {
         let start = Instant::now();
         // HTTP/2 carries the host in :authority; HTTP/1.1 in Host.
         let host = match req.headers().get(header::HOST) {
@@ -179,7 +201,7 @@ impl Proxy {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
-        let mut log = (self.access_log != AccessLog::Off).then(|| {
+        let log = (self.access_log != AccessLog::Off).then(|| {
             Box::new(AccessRecord {
                 format: self.access_log,
                 method: req.method().clone(),
@@ -200,22 +222,53 @@ impl Proxy {
             })
         });
         let Some(host) = host else {
-            return fail(Failure::BadRequest("missing Host header"), log, "");
+            return Prep::Respond(fail(Failure::BadRequest("missing Host header"), log, ""));
         };
-        let Ok(host_str) = host.to_str() else {
-            return fail(Failure::BadRequest("invalid Host header"), log, "");
-        };
+        if host.to_str().is_err() {
+            return Prep::Respond(fail(Failure::BadRequest("invalid Host header"), log, ""));
+        }
         // ACME HTTP-01 validation: answered before routing and redirects when a validation
         // for this token is under way; other tokens go to the site as usual.
         if conn.proto == "http"
-            && let Some(challenges) = &self.acme
-            && let Some(token) = req
+            && self.acme.is_some()
+            && req
                 .uri()
                 .path()
-                .strip_prefix(crate::acme::challenge::HTTP_PREFIX)
-            && let Some(key_authorization) = Box::pin(challenges.http_response(token)).await
+                .starts_with(crate::acme::challenge::HTTP_PREFIX)
         {
-            tracing::info!(host = host_str, token, "answered an HTTP-01 validation");
+            return Prep::Challenge(Box::new(Unrouted {
+                req,
+                host,
+                log,
+                start,
+            }));
+        }
+        let unrouted = Unrouted {
+            req,
+            host,
+            log,
+            start,
+        };
+        match self.route(unrouted, conn) {
+            Ok(p) => Prep::Forward(p),
+            Err(resp) => Prep::Respond(resp),
+        }
+    }
+
+    /// Answers an HTTP-01 validation request, or routes it like any other.
+    async fn challenge(&self, u: Unrouted, conn: &ConnInfo) -> Response<ProxyBody> {
+        let token = u
+            .req
+            .uri()
+            .path()
+            .strip_prefix(crate::acme::challenge::HTTP_PREFIX)
+            .unwrap_or_default();
+        if let Some(challenges) = &self.acme
+            && let Some(key_authorization) = challenges.http_response(token).await
+        {
+            let host = u.host.to_str().unwrap_or_default();
+            tracing::info!(host, token, "answered an HTTP-01 validation");
+            let mut log = u.log;
             if let Some(l) = log.as_mut() {
                 l.status = StatusCode::OK;
             }
@@ -226,67 +279,43 @@ impl Proxy {
             );
             return resp;
         }
+        match self.route(u, conn) {
+            Ok(mut p) => {
+                let resp = self.dispatch(&mut p, conn).await;
+                p.record(&resp);
+                resp
+            }
+            Err(resp) => resp,
+        }
+    }
+
+    /// Finds the site and route, then rewrites the request for its replicas.
+    // The error is a response, made once and returned by value from a plain function.
+    #[allow(clippy::result_large_err)]
+    fn route(&self, u: Unrouted, conn: &ConnInfo) -> Result<Prepared<'_>, Response<ProxyBody>> {
+        let Unrouted {
+            mut req,
+            host,
+            mut log,
+            start,
+        } = u;
+        let Ok(host_str) = host.to_str() else {
+            return Err(fail(Failure::BadRequest("invalid Host header"), log, ""));
+        };
         let Some(site) = self.router.site(host_str) else {
             self.stats.unrouted.fetch_add(1, Ordering::Relaxed);
-            return fail(Failure::NoSite, log, host_str);
+            return Err(fail(Failure::NoSite, log, host_str));
         };
         if site.tls
             && conn.proto == "http"
             && let Some(port) = self.https_port
             && !req.uri().path().starts_with("/.well-known/acme-challenge/")
         {
-            return redirect_to_https(host_str, port, req.uri(), log);
+            return Err(redirect_to_https(host_str, port, req.uri(), log));
         }
         let Some(route) = site.route(req.uri().path()) else {
             self.stats.unrouted.fetch_add(1, Ordering::Relaxed);
-            return fail(Failure::NoRoute, log, host_str);
-        };
-        let resp = self
-            .forward_on_route(req, conn, route, host.clone(), log, start)
-            .await;
-        route
-            .backend
-            .stats
-            .traffic
-            .record(resp.status().as_u16(), start.elapsed());
-        resp
-    }
-
-    /// The request id sent upstream: a trusted peer's `X-Request-Id` when it is sane, else a
-    /// new random one (a client must not choose the id other systems correlate by). Returns
-    /// a copy for the access log when `keep` is set.
-    fn request_id(
-        &self,
-        headers: &mut http::HeaderMap,
-        peer: std::net::IpAddr,
-        keep: bool,
-    ) -> Option<HeaderValue> {
-        if self.trusted.contains(peer)
-            && let Some(v) = headers.get(&X_REQUEST_ID)
-            && !v.is_empty()
-            && v.len() <= 200
-            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
-        {
-            return keep.then(|| v.clone());
-        }
-        let value = random_request_id();
-        let kept = keep.then(|| value.clone());
-        headers.insert(&X_REQUEST_ID, value);
-        kept
-    }
-
-    /// Forwards a routed request to one of the route's replicas.
-    async fn forward_on_route(
-        &self,
-        mut req: Request<Incoming>,
-        conn: &ConnInfo,
-        route: &router::RouteEntry,
-        host: HeaderValue,
-        mut log: Option<Box<AccessRecord>>,
-        start: Instant,
-    ) -> Response<ProxyBody> {
-        let Ok(host_str) = host.to_str() else {
-            return fail(Failure::BadRequest("invalid Host header"), log, "");
+            return Err(fail(Failure::NoRoute, log, host_str));
         };
 
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
@@ -345,13 +374,12 @@ impl Proxy {
         let backend = &route.backend;
         let members = backend.members();
         if members.is_empty() {
-            return fail(Failure::NoReplicas, log, host_str);
+            return Err(fail(Failure::NoReplicas, log, host_str));
         }
         let sticky = match backend.policy.balance {
             Balance::Cookie => sticky_cookie(&parts.headers),
             _ => None,
         };
-        let ctx = PickCtx { client, sticky };
         // A bodiless request can be rebuilt and sent again; one with a body cannot.
         let bodiless = body.is_end_stream();
         let retries = &backend.policy.retries;
@@ -359,58 +387,102 @@ impl Proxy {
             bodiless && retries.attempts > 1 && retries.methods.contains(&parts.method);
         // HTTP/1.1 goes through gangway's own client, which borrows the request; h2c
         // through hyper's, which consumes it (hence the copy for a resend).
-        let copy = (retry_after_send && h2c).then(|| RequestCopy::of(&parts));
-        let (own, mut upload, mut req) = if h2c {
+        let msg = if h2c {
+            let copy = retry_after_send.then(|| RequestCopy::of(&parts));
             let body: ReqBody = if bodiless {
                 Either::Right(Empty::new())
             } else {
                 Either::Left(body)
             };
-            (None, None, Some(Request::from_parts(parts, body)))
+            Msg::H2c(Box::new((Some(Request::from_parts(parts, body)), copy)))
         } else {
-            (Some(parts), (!bodiless).then_some(body), None)
+            Msg::Own(parts, (!bodiless).then_some(body))
         };
+        Ok(Prepared {
+            route,
+            start,
+            log,
+            host,
+            msg,
+            client_upgrade,
+            members,
+            ctx: PickCtx { client, sticky },
+            upgrade,
+            retry_after_send,
+        })
+    }
 
+    /// The request id sent upstream: a trusted peer's `X-Request-Id` when it is sane, else a
+    /// new random one (a client must not choose the id other systems correlate by). Returns
+    /// a copy for the access log when `keep` is set.
+    fn request_id(
+        &self,
+        headers: &mut http::HeaderMap,
+        peer: std::net::IpAddr,
+        keep: bool,
+    ) -> Option<HeaderValue> {
+        if self.trusted.contains(peer)
+            && let Some(v) = headers.get(&X_REQUEST_ID)
+            && !v.is_empty()
+            && v.len() <= 200
+            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        {
+            return keep.then(|| v.clone());
+        }
+        let value = random_request_id();
+        let kept = keep.then(|| value.clone());
+        headers.insert(&X_REQUEST_ID, value);
+        kept
+    }
+
+    /// Tries the route's replicas in turn until one answers.
+    async fn dispatch(&self, p: &mut Prepared<'_>, conn: &ConnInfo) -> Response<ProxyBody> {
+        let backend = &p.route.backend;
+        let retries = &backend.policy.retries;
+        let sticky = p.ctx.sticky;
         let mut tried = [0usize; MAX_TRIES];
         let mut n_tried = 0;
         let mut sent = 0;
         let mut last_error = String::new();
-        let mut client_upgrade = client_upgrade;
         while n_tried < MAX_TRIES {
-            let Some(idx) = backend.pick(&members, &ctx, &tried[..n_tried]) else {
+            let Some(idx) = backend.pick(&p.members, &p.ctx, &tried[..n_tried]) else {
                 break;
             };
             tried[n_tried] = idx;
             n_tried += 1;
-            let replica = &members.replicas[idx];
-            if let Some(l) = log.as_mut() {
+            let replica = &p.members.replicas[idx];
+            if let Some(l) = p.log.as_mut() {
                 l.replica = Some(replica.addr);
             }
             let in_flight = InFlight::new(replica);
-            let attempt = match (&own, req.take()) {
-                (Some(parts), _) => {
+            let attempt = match &mut p.msg {
+                Msg::Own(parts, upload) => {
                     let to_send = Outgoing {
                         parts,
                         body: upload.as_mut(),
-                        upgrade,
-                        resend: retry_after_send,
+                        upgrade: p.upgrade,
+                        resend: p.retry_after_send,
                     };
                     self.attempt_own(replica, to_send).await
                 }
                 // Boxed: h2c is the rare case, and its state would enlarge every request.
-                (None, Some(r)) => Box::pin(self.attempt_h2(replica, r)).await,
-                (None, None) => break,
+                Msg::H2c(h2c) => match h2c.0.take() {
+                    Some(r) => Box::pin(self.attempt_h2(replica, r)).await,
+                    None => break,
+                },
             };
             let passive = backend.policy.passive.as_ref();
+            let log = &mut p.log;
             match attempt {
                 Attempt::Sent(resp) => {
-                    self.record_response(replica, resp.status(), start, &mut log, passive);
-                    let resp = respond_h2c(resp, log, in_flight);
+                    self.record_response(replica, resp.status(), p.start, log, passive);
+                    let resp = respond_h2c(resp, log.take(), in_flight);
                     return self.decorate(resp, backend, sticky, replica, conn);
                 }
                 Attempt::SentOwn(resp) => {
-                    self.record_response(replica, resp.status(), start, &mut log, passive);
-                    let resp = self.respond(resp, replica, client_upgrade.take(), log, in_flight);
+                    self.record_response(replica, resp.status(), p.start, log, passive);
+                    let upgrade = p.client_upgrade.take();
+                    let resp = self.respond(resp, replica, upgrade, log.take(), in_flight);
                     return self.decorate(resp, backend, sticky, replica, conn);
                 }
                 Attempt::NotConnected(back, e) => {
@@ -424,31 +496,36 @@ impl Proxy {
                     replica.report_failure(passive);
                     backend.resolve_now.notify_one();
                     last_error = format!("{}: {e}", replica.addr);
-                    req = back;
+                    if let Msg::H2c(h2c) = &mut p.msg {
+                        h2c.0 = back;
+                    }
                 }
                 Attempt::Failed(Failure::UpstreamBroken, detail) => {
                     replica.stats.broken.fetch_add(1, Ordering::Relaxed);
                     replica.report_failure(passive);
                     sent += 1;
-                    let again = retry_after_send && sent < retries.attempts;
+                    let again = p.retry_after_send && sent < retries.attempts;
                     if !again {
-                        return fail(Failure::UpstreamBroken, log, &detail);
+                        return fail(Failure::UpstreamBroken, log.take(), &detail);
                     }
                     backend.stats.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(replica = %replica.addr, error = %detail, "upstream failed; retrying on another replica");
                     last_error = format!("{}: {detail}", replica.addr);
-                    req = copy.as_ref().map(RequestCopy::rebuild);
+                    if let Msg::H2c(h2c) = &mut p.msg {
+                        h2c.0 = h2c.1.as_ref().map(RequestCopy::rebuild);
+                    }
                 }
                 Attempt::Failed(failure, detail) => {
                     // The replica got the request and did not answer in time.
                     replica.stats.broken.fetch_add(1, Ordering::Relaxed);
                     replica.report_failure(passive);
-                    return fail(failure, log, &detail);
+                    return fail(failure, log.take(), &detail);
                 }
             }
         }
+        let log = p.log.take();
         if n_tried == 0 {
-            return fail(Failure::NoHealthy, log, host_str);
+            return fail(Failure::NoHealthy, log, p.host.to_str().unwrap_or_default());
         }
         fail(Failure::Unreachable, log, &last_error)
     }
@@ -638,6 +715,62 @@ fn respond_h2c(
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(parts, ProxyBody::upstream(body, log, Some(in_flight)))
+}
+
+/// A request not routed yet.
+struct Unrouted {
+    req: Request<Incoming>,
+    /// From `Host` or the HTTP/2 authority; checked to be text.
+    host: HeaderValue,
+    log: Option<Box<AccessRecord>>,
+    start: Instant,
+}
+
+/// What [`Proxy::prepare`] made of a request.
+enum Prep<'a> {
+    /// gangway answers itself (a bad request, no site, a redirect…).
+    Respond(Response<ProxyBody>),
+    /// Possibly an HTTP-01 validation: the token is looked up before routing.
+    Challenge(Box<Unrouted>),
+    Forward(Prepared<'a>),
+}
+
+/// A routed, rewritten request and what its attempts need.
+struct Prepared<'a> {
+    route: &'a router::RouteEntry,
+    start: Instant,
+    log: Option<Box<AccessRecord>>,
+    host: HeaderValue,
+    msg: Msg,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    members: Arc<crate::upstream::Members>,
+    ctx: PickCtx,
+    upgrade: bool,
+    /// Bodiless and idempotent: may be sent to a second replica after a broken answer.
+    retry_after_send: bool,
+}
+
+impl Prepared<'_> {
+    /// Counts the response in its route's traffic.
+    fn record(&self, resp: &Response<ProxyBody>) {
+        self.route
+            .backend
+            .stats
+            .traffic
+            .record(resp.status().as_u16(), self.start.elapsed());
+    }
+}
+
+/// The request in the form its client needs.
+// The large variant is the common one; the rare h2c one is boxed so it adds nothing.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    /// For gangway's own HTTP/1.1 client: the head, and the body still to stream (none
+    /// for a bodiless request).
+    Own(http::request::Parts, Option<Incoming>),
+    /// For hyper's h2c client, which consumes the request: the request (none while it is
+    /// out), and a copy for a resend.
+    H2c(Box<(Option<Request<ReqBody>>, Option<RequestCopy>)>),
 }
 
 /// What gangway's own client sends: the request, borrowed, so it can be sent again.
