@@ -462,6 +462,7 @@ impl Proxy {
                         body: upload.as_mut(),
                         upgrade: p.upgrade,
                         resend: p.retry_after_send,
+                        start: p.start,
                     };
                     self.attempt_own(replica, to_send).await
                 }
@@ -534,7 +535,7 @@ impl Proxy {
     /// when one is idle (an upgrade always gets a new one: it is never pooled again).
     async fn attempt_own(&self, replica: &Arc<Replica>, mut out: Outgoing<'_>) -> Attempt {
         while !out.upgrade
-            && let Some(conn) = replica.pool.take()
+            && let Some(conn) = replica.pool.take(out.start)
         {
             match self.send_own(conn, &mut out).await {
                 // The pooled connection failed as the request went out: nothing was done.
@@ -781,6 +782,8 @@ struct Outgoing<'a> {
     upgrade: bool,
     /// May be sent twice (bodiless and idempotent).
     resend: bool,
+    /// When the request came in.
+    start: Instant,
 }
 
 /// Tries per request at most (connect failures included): more replicas than this are

@@ -57,9 +57,9 @@ impl std::fmt::Display for ConnectError {
 }
 
 impl ConnPool {
-    /// An idle connection that is still open, if any.
-    pub fn take(&self) -> Option<h1::Conn> {
-        let now = Instant::now();
+    /// An idle connection that is still open, if any. `now` is the request's start (a
+    /// clock read saved; the age limit is coarse).
+    pub fn take(&self, now: Instant) -> Option<h1::Conn> {
         let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
         while let Some(mut idle_conn) = idle.pop() {
             if now.duration_since(idle_conn.since) < MAX_IDLE_AGE && idle_conn.conn.is_reusable() {
