@@ -680,3 +680,152 @@ impl Body for H1Body {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(bytes: &[u8], method: Method) -> Result<Parsed, SendError> {
+        parse_head(&mut BytesMut::from(bytes), &method)
+    }
+
+    fn framing(bytes: &[u8], method: Method) -> (Framing, bool) {
+        match head(bytes, method) {
+            Ok(Parsed::Final(_, framing, keep_alive)) => (framing, keep_alive),
+            Ok(_) => panic!("no final head"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let get = || Method::GET;
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", get()),
+            (Framing::Length(5), true)
+        );
+        // A list of equal lengths is one length.
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n", get()),
+            (Framing::Length(5), true)
+        );
+        assert_eq!(
+            framing(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                get()
+            ),
+            (Framing::Chunked(Chunk::Size), true)
+        );
+        // A transfer coding that does not end in chunked: read to the close.
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", get()),
+            (Framing::Close, false)
+        );
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\n\r\n", get()),
+            (Framing::Close, false)
+        );
+        assert_eq!(
+            framing(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Method::HEAD
+            ),
+            (Framing::Length(0), true)
+        );
+        assert_eq!(
+            framing(
+                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n",
+                get()
+            ),
+            (Framing::Length(0), true)
+        );
+        assert_eq!(
+            framing(
+                b"HTTP/1.1 200 OK\r\nconnection: Keep-Alive, Close\r\ncontent-length: 0\r\n\r\n",
+                get()
+            ),
+            (Framing::Length(0), false)
+        );
+        assert_eq!(
+            framing(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n", get()),
+            (Framing::Length(0), false)
+        );
+        assert!(matches!(
+            head(b"HTTP/1.1 103 Early Hints\r\n\r\n", get()),
+            Ok(Parsed::Interim)
+        ));
+        assert!(matches!(
+            head(b"HTTP/1.1 200 OK\r\ncontent-le", get()),
+            Ok(Parsed::Partial)
+        ));
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+        ] {
+            assert!(
+                head(bad, get()).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn header_values_share_the_read_buffer_and_the_rest_stays() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nx-a: one\r\nX-B: two\r\ncontent-length: 3\r\n\r\nabcNEXT"[..],
+        );
+        let Ok(Parsed::Final(parts, framing, _)) = parse_head(&mut buf, &Method::GET) else {
+            panic!("no head");
+        };
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(parts.headers["x-a"], "one");
+        assert_eq!(parts.headers["x-b"], "two");
+        assert_eq!(framing, Framing::Length(3));
+        assert_eq!(&buf[..], b"abcNEXT");
+    }
+
+    #[test]
+    fn chunk_lines_and_sizes() {
+        let mut buf = BytesMut::from(&b"1a;ext=\"x\"\r\nrest"[..]);
+        let line = take_line(&mut buf).unwrap().unwrap();
+        assert_eq!(chunk_size(&line), Ok(26));
+        assert_eq!(&buf[..], b"rest");
+        let mut partial = BytesMut::from(&b"1a"[..]);
+        assert_eq!(take_line(&mut partial), Ok(None));
+        assert!(take_line(&mut BytesMut::from(&[b'1'; MAX_LINE + 1][..])).is_err());
+        for bad in [&b""[..], b"x", b"-1", b"1234567890abcdef0"] {
+            assert!(
+                chunk_size(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(chunk_size(b"FFff"), Ok(0xffff));
+    }
+
+    #[test]
+    fn request_heads_are_written_whole() {
+        let mut req = http::Request::post("/a?b=1")
+            .header("host", "app.test")
+            .header("x-one", "1")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let mut out = Vec::new();
+        encode_head(&mut out, &req, true);
+        assert_eq!(
+            out,
+            b"POST /a?b=1 HTTP/1.1\r\nhost: app.test\r\nx-one: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        req.method = Method::GET;
+        encode_head(&mut out, &req, false);
+        assert_eq!(
+            out,
+            b"GET /a?b=1 HTTP/1.1\r\nhost: app.test\r\nx-one: 1\r\n\r\n"
+        );
+    }
+}
