@@ -661,10 +661,7 @@ impl Proxy {
         mut log: Option<Box<AccessRecord>>,
         in_flight: InFlight,
     ) -> Response<ProxyBody> {
-        if let Some(l) = log.as_mut() {
-            l.status = resp.status();
-        }
-        let (mut parts, body) = resp.into_parts();
+        let (mut parts, body) = logged_parts(resp, &mut log);
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             // A 101 nobody asked for cannot be relayed.
             let (Some(client_upgrade), Some((upstream, early))) =
@@ -710,12 +707,20 @@ fn respond_h2c(
     mut log: Option<Box<AccessRecord>>,
     in_flight: InFlight,
 ) -> Response<ProxyBody> {
+    let (mut parts, body) = logged_parts(resp, &mut log);
+    headers::remove_hop_by_hop(&mut parts.headers, false);
+    Response::from_parts(parts, ProxyBody::upstream(body, log, Some(in_flight)))
+}
+
+/// A replica's response taken apart, its status noted for the access log.
+fn logged_parts<B>(
+    resp: Response<B>,
+    log: &mut Option<Box<AccessRecord>>,
+) -> (http::response::Parts, B) {
     if let Some(l) = log.as_mut() {
         l.status = resp.status();
     }
-    let (mut parts, body) = resp.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(parts, ProxyBody::upstream(body, log, Some(in_flight)))
+    resp.into_parts()
 }
 
 /// A request not routed yet.
