@@ -229,3 +229,22 @@ async fn load_reports_the_exact_distribution() {
         .collect();
     assert_eq!(counts, vec![50, 50, 50], "{report}");
 }
+
+#[tokio::test]
+async fn answers_for_a_route_without_replicas_are_counted_in_its_traffic() {
+    let resolver = Gangway::static_resolver();
+    let yaml = "sites:\n  - hosts: [\"*\"]\n    upstreams: [app:8000]\n";
+    let gw = Gangway::start_with(yaml, resolver).await;
+    for _ in 0..2 {
+        assert_eq!(get(gw.addr, "x.test", "/").await.status, 503);
+    }
+    let text = admin_get(&gw, "/metrics").await.text();
+    assert_eq!(
+        metric(
+            &text,
+            "gangway_route_requests_total{site=\"*\",route=\"/\",code=\"5xx\"}"
+        ),
+        Some(2),
+        "{text}"
+    );
+}

@@ -374,7 +374,13 @@ impl Proxy {
         let backend = &route.backend;
         let members = backend.members();
         if members.is_empty() {
-            return Err(fail(Failure::NoReplicas, log, host_str));
+            // Counted in the route's traffic, like every answer after routing.
+            let resp = fail(Failure::NoReplicas, log, host_str);
+            backend
+                .stats
+                .traffic
+                .record(resp.status().as_u16(), start.elapsed());
+            return Err(resp);
         }
         let sticky = match backend.policy.balance {
             Balance::Cookie => sticky_cookie(&parts.headers),
