@@ -30,6 +30,9 @@ const MAX_HEADERS: usize = 100;
 const READ_SIZE: usize = 8 * 1024;
 /// The largest read for a long body.
 const MAX_READ: usize = 64 * 1024;
+/// An idle connection keeps buffers up to this size; larger ones (left by a long body or a
+/// large head) are freed rather than pinned by the pool.
+const KEEP_IDLE: usize = 16 * 1024;
 /// A chunk-size line (with extensions) or a trailer line longer than this is refused.
 const MAX_LINE: usize = 4096;
 
@@ -106,6 +109,16 @@ impl Conn {
                 let mut probe = [0u8; 1];
                 matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
+        }
+    }
+
+    /// Frees buffers too large to keep while the connection is idle.
+    pub fn trim(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_IDLE {
+            self.buf = BytesMut::new();
+        }
+        if self.out.capacity() > KEEP_IDLE {
+            self.out = Vec::new();
         }
     }
 
@@ -804,6 +817,23 @@ mod tests {
             );
         }
         assert_eq!(chunk_size(b"FFff"), Ok(0xffff));
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_keeps_no_large_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut conn = Conn::new(io);
+        conn.buf.reserve(MAX_READ);
+        conn.out.reserve(KEEP_IDLE + 1);
+        conn.trim();
+        assert_eq!((conn.buf.capacity(), conn.out.capacity()), (0, 0));
+        conn.buf.reserve(READ_SIZE);
+        conn.out.reserve(1024);
+        conn.trim();
+        assert!(conn.buf.capacity() >= READ_SIZE && conn.out.capacity() >= 1024);
     }
 
     #[test]

@@ -70,7 +70,8 @@ impl ConnPool {
     }
 
     /// Returns a connection whose last response was read to its end.
-    pub fn put(&self, conn: h1::Conn) {
+    pub fn put(&self, mut conn: h1::Conn) {
+        conn.trim();
         let mut idle = self.idle.mine().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
