@@ -158,6 +158,23 @@ enum Inner {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Adds a data frame's bytes to the access-log record.
+fn count<E>(polled: &Poll<Option<Result<Frame<Bytes>, E>>>, log: &mut Option<Box<AccessRecord>>) {
+    if let Poll::Ready(Some(Ok(frame))) = polled
+        && let (Some(data), Some(log)) = (frame.data_ref(), log.as_mut())
+    {
+        log.bytes += data.len() as u64;
+    }
+}
+
+/// Returns the connection to the replica's pool when the body was read to its end and the
+/// replica keeps the connection open.
+fn give_back(body: &mut H1Body, replica: &Replica) {
+    if let Some(conn) = body.take_reusable() {
+        replica.pool.put(conn);
+    }
+}
+
 pub struct ProxyBody {
     inner: Inner,
     log: Option<Box<AccessRecord>>,
@@ -251,28 +268,15 @@ impl Body for ProxyBody {
             Inner::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Inner::H1 { body, replica } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let (Some(data), Some(log)) = (frame.data_ref(), this.log.as_mut()) {
-                            log.bytes += data.len() as u64;
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        if let Some(conn) = body.take_reusable() {
-                            replica.pool.put(conn);
-                        }
-                    }
-                    _ => {}
+                count(&polled, &mut this.log);
+                if let Poll::Ready(None) = polled {
+                    give_back(body, replica);
                 }
                 polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
             }
             Inner::Upstream(body) => {
                 let polled = Pin::new(body).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled
-                    && let (Some(data), Some(log)) = (frame.data_ref(), this.log.as_mut())
-                {
-                    log.bytes += data.len() as u64;
-                }
+                count(&polled, &mut this.log);
                 polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
             }
         }
@@ -300,11 +304,8 @@ impl Drop for ProxyBody {
     fn drop(&mut self) {
         // A body with nothing to read (HEAD, 204, Content-Length: 0) is never polled to its
         // end; its connection is still clean.
-        if let Inner::H1 { body, replica } = &mut self.inner
-            && body.is_end_stream()
-            && let Some(conn) = body.take_reusable()
-        {
-            replica.pool.put(conn);
+        if let Inner::H1 { body, replica } = &mut self.inner {
+            give_back(body, replica);
         }
         if let Some(log) = &self.log {
             log.emit();

@@ -49,7 +49,8 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| connection_tokens(v).any(|t| t.eq_ignore_ascii_case("upgrade")))
 }
 
-fn connection_tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
+/// The tokens of one `Connection` value (`keep-alive`, `close`, header names).
+pub(crate) fn connection_tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
     v.to_str()
         .unwrap_or("")
         .split(',')

@@ -11,6 +11,7 @@
 //! answer is relayed and the connection, its request unfinished, is not reused. A `101`
 //! hands the socket and any bytes after the head to the caller for the tunnel.
 
+use crate::proxy::headers::connection_tokens;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -177,9 +178,7 @@ impl Conn {
             if !self.buf.is_empty() {
                 received = true;
                 match parse_head(&mut self.buf, method)? {
-                    Parsed::Final(head, framing, keep_alive) => {
-                        return Ok((head, framing, keep_alive));
-                    }
+                    Parsed::Final(head) => return Ok(head),
                     // An interim response (100 Continue, 103 Early Hints) was consumed.
                     Parsed::Interim => continue,
                     Parsed::Partial => {}
@@ -234,9 +233,7 @@ impl Conn {
                             )));
                         }
                         Poll::Ready(Ok(_)) => match parse_head(&mut self.buf, method)? {
-                            Parsed::Final(head, framing, keep_alive) => {
-                                return Poll::Ready(Ok(Some((head, framing, keep_alive))));
-                            }
+                            Parsed::Final(head) => return Poll::Ready(Ok(Some(head))),
                             Parsed::Interim | Parsed::Partial => continue,
                         },
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(broken(e.to_string()))),
@@ -269,13 +266,13 @@ impl Conn {
                         if let Ok(data) = frame.into_data()
                             && !data.is_empty()
                         {
-                            pending = Some(Outgoing::data(data, chunked));
+                            pending = Some(outgoing(data, chunked));
                         }
                     }
                     Poll::Ready(None) => {
                         body_done = true;
                         if chunked {
-                            pending = Some(Outgoing::last_chunk());
+                            pending = Some(last_chunk());
                         }
                     }
                     Poll::Ready(Some(Err(e))) => {
@@ -308,30 +305,25 @@ type Head = (http::response::Parts, Framing, bool);
 /// Bytes of the request body on their way to the replica, with their chunk framing.
 type Outgoing = bytes::buf::Chain<bytes::buf::Chain<Bytes, Bytes>, &'static [u8]>;
 
-trait OutgoingExt {
-    fn data(data: Bytes, chunked: bool) -> Outgoing;
-    fn last_chunk() -> Outgoing;
+/// A piece of the request body, framed as a chunk when the body is chunked.
+fn outgoing(data: Bytes, chunked: bool) -> Outgoing {
+    if chunked {
+        let size = Bytes::from(format!("{:x}\r\n", data.len()));
+        size.chain(data).chain(&b"\r\n"[..])
+    } else {
+        Bytes::new().chain(data).chain(&b""[..])
+    }
 }
 
-impl OutgoingExt for Outgoing {
-    fn data(data: Bytes, chunked: bool) -> Outgoing {
-        if chunked {
-            let size = Bytes::from(format!("{:x}\r\n", data.len()));
-            size.chain(data).chain(&b"\r\n"[..])
-        } else {
-            Bytes::new().chain(data).chain(&b""[..])
-        }
-    }
-
-    fn last_chunk() -> Outgoing {
-        Bytes::from_static(b"0\r\n\r\n")
-            .chain(Bytes::new())
-            .chain(&b""[..])
-    }
+/// The end of a chunked body (no trailers).
+fn last_chunk() -> Outgoing {
+    Bytes::from_static(b"0\r\n\r\n")
+        .chain(Bytes::new())
+        .chain(&b""[..])
 }
 
 enum Parsed {
-    Final(http::response::Parts, Framing, bool),
+    Final(Head),
     Interim,
     Partial,
 }
@@ -416,7 +408,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Length(0)
-    } else if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
         // A length alongside a transfer coding is a smuggling attempt or a broken server.
         if headers.contains_key(header::CONTENT_LENGTH) {
             return Err(broken(
@@ -426,7 +418,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
         if last_coding_is_chunked(&headers) && version == Version::HTTP_11 {
             Framing::Chunked(Chunk::Size)
         } else {
-            let _ = te;
             keep_alive = false;
             Framing::Close
         }
@@ -444,14 +435,15 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
     // The version is the connection's: the client's connection is answered in its own.
     parts.version = Version::HTTP_11;
     parts.headers = headers;
-    Ok(Parsed::Final(parts, framing, keep_alive))
+    Ok(Parsed::Final((parts, framing, keep_alive)))
 }
 
 fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(connection_tokens)
+        .any(|t| t.eq_ignore_ascii_case(token))
 }
 
 fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
@@ -704,7 +696,7 @@ mod tests {
 
     fn framing(bytes: &[u8], method: Method) -> (Framing, bool) {
         match head(bytes, method) {
-            Ok(Parsed::Final(_, framing, keep_alive)) => (framing, keep_alive),
+            Ok(Parsed::Final((_, framing, keep_alive))) => (framing, keep_alive),
             Ok(_) => panic!("no final head"),
             Err(e) => panic!("{e}"),
         }
@@ -790,7 +782,7 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nx-a: one\r\nX-B: two\r\ncontent-length: 3\r\n\r\nabcNEXT"[..],
         );
-        let Ok(Parsed::Final(parts, framing, _)) = parse_head(&mut buf, &Method::GET) else {
+        let Ok(Parsed::Final((parts, framing, _))) = parse_head(&mut buf, &Method::GET) else {
             panic!("no head");
         };
         assert_eq!(parts.status, StatusCode::OK);

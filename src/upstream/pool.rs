@@ -21,8 +21,8 @@ const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
 /// Idle connections kept per replica and worker.
 const MAX_IDLE: usize = 256;
 
-/// What gangway sends upstream: the client's streamed body, or nothing (bodiless requests,
-/// which can be rebuilt and retried on another replica).
+/// What hyper's h2c client sends upstream: the client's streamed body, or nothing (bodiless
+/// requests, which can be rebuilt and retried on another replica).
 pub type ReqBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
 
 struct Idle {
