@@ -56,15 +56,8 @@ impl Scripted {
                     let _ = stream.set_nodelay(true);
                     let mut buf = Vec::new();
                     loop {
-                        let end = loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                        let Some(end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await else {
+                            return;
                         };
                         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                         buf.drain(..end);
@@ -114,6 +107,10 @@ impl Scripted {
 
 fn keep(bytes: &[u8]) -> (Vec<u8>, After) {
     (bytes.to_vec(), After::KeepOpen)
+}
+
+fn closing(bytes: &[u8]) -> (Vec<u8>, After) {
+    (bytes.to_vec(), After::Close)
 }
 
 #[tokio::test]
@@ -166,13 +163,7 @@ async fn a_response_split_into_single_bytes_is_reassembled() {
 
 #[tokio::test]
 async fn a_response_without_length_is_read_to_the_close_and_not_reused() {
-    let up = Scripted::start(|_| {
-        (
-            b"HTTP/1.1 200 OK\r\nx-app: 1\r\n\r\nuntil close".to_vec(),
-            After::Close,
-        )
-    })
-    .await;
+    let up = Scripted::start(|_| closing(b"HTTP/1.1 200 OK\r\nx-app: 1\r\n\r\nuntil close")).await;
     let gw = up.gangway().await;
     let mut c = Client::connect(gw.addr).await;
     for _ in 0..2 {
@@ -302,13 +293,8 @@ async fn broken_responses_are_502_and_never_reach_the_client() {
 
 #[tokio::test]
 async fn a_truncated_body_is_cut_short_for_the_client_too() {
-    let up = Scripted::start(|_| {
-        (
-            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec(),
-            After::Close,
-        )
-    })
-    .await;
+    let up =
+        Scripted::start(|_| closing(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")).await;
     let gw = up.gangway().await;
     let started = std::time::Instant::now();
     let raw = raw_exchange(
@@ -333,13 +319,8 @@ async fn a_truncated_body_is_cut_short_for_the_client_too() {
 async fn an_idle_connection_the_replica_closed_is_not_used_for_a_request_that_cannot_be_resent() {
     // The replica closes each connection after its answer (without saying so). A bodiless
     // POST cannot be resent, so gangway must see the close before it writes.
-    let mut up = Scripted::start(|_| {
-        (
-            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
-            After::Close,
-        )
-    })
-    .await;
+    let mut up =
+        Scripted::start(|_| closing(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")).await;
     let gw = up.gangway().await;
     for i in 0..3 {
         let post = request("POST", "app.test", "/", &[("content-length", "0")]);
