@@ -63,6 +63,9 @@ class Scenario:
     # Offered load in req/s, the same for every proxy (0: as fast as the proxy answers). It
     # sits below every proxy's saturation but Caddy's, so latency is compared at equal load.
     rate: int = 0
+    # Who answers behind the proxy: "nginx" (three fast nginx servers) or "app" (three
+    # ports of one Python process doing an app's work per request: the bottleneck).
+    backend: str = "nginx"
 
     @property
     def wrk_delay_ms(self) -> int:
@@ -89,6 +92,10 @@ SCENARIOS = {
                 rate=20000),
     8: Scenario(8, "HTTP/2 over TLS at 20k req/s offered", "h2load", True, streams=10,
                 rate=20000),
+    # Issue 8's "throughput within 10 % of the direct baseline's where the backend is the
+    # bottleneck": the replicas are a Python app, slower than any proxy in front of it.
+    9: Scenario(9, "HTTP/1.1 keep-alive to a Python app (app-bound)", "wrk", False,
+                baseline=True, backend="app"),
 }
 
 
@@ -794,6 +801,98 @@ def idle_client_main(argv: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# The app backend of scenario 9 (run as a subprocess: `run.py --app-backend P1,P2,P3`)
+
+# Per request the app waits APP_WAIT_S, as a handler waits for its database, then builds
+# and serialises a small JSON document (some 30 us of Python). The wait is what bounds it:
+# 50 connections / 5 ms is at most 10 000 requests/s, whoever sends them. The CPU left to
+# the app is not what bounds it: on a 2-CPU machine the app shares its CPU with wrk, and
+# the proxy's cross-CPU wake-ups would then decide the figure, not the proxy's own delay.
+# A proxy that adds latency or holds fewer requests in flight shows as fewer requests/s
+# than wrk straight at the app. The body stays SMALL_BODY for the sanity check.
+APP_WAIT_S = 0.010
+APP_ITEMS = 20
+
+
+def _app_answer(tag: bytes) -> bytes:
+    doc = {"items": [{"id": i, "name": f"item-{i}", "score": i * 0.5} for i in range(APP_ITEMS)]}
+    json.dumps(doc, sort_keys=True)
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+            + str(len(SMALL_BODY)).encode() + b"\r\nX-Backend: " + tag + b"\r\n\r\n"
+            + SMALL_BODY.encode())
+
+
+class _AppConn(asyncio.Protocol):
+    """HTTP/1.1 keep-alive, GET only: a request is a head; pipelined heads are answered in
+    order; `Connection: close` closes after the answer."""
+
+    def __init__(self, tag: bytes) -> None:
+        self.tag = tag
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.closing: list[bool] = []  # per request waiting, in order: close after it?
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        APP_STATS["accepts"] += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while self.transport is not None:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > 65536:
+                    self.transport.close()
+                return
+            head, self.buf = self.buf[:end].lower(), self.buf[end + 4:]
+            self.closing.append(b"\r\nconnection: close" in head)
+            asyncio.get_running_loop().call_later(APP_WAIT_S, self.answer)
+
+    def answer(self) -> None:
+        close = self.closing.pop(0)
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(_app_answer(self.tag))
+        if close:
+            self.transport.close()
+            self.transport = None
+
+    def connection_lost(self, exc) -> None:
+        self.transport = None
+
+
+APP_STATS = {"accepts": 0}
+
+
+async def _app_backend(ports: list[int], status_port: int) -> None:
+    loop = asyncio.get_running_loop()
+    for i, port in enumerate(ports, 1):
+        tag = f"b{i}".encode()
+        await loop.create_server(lambda tag=tag: _AppConn(tag), "127.0.0.1", port,
+                                 backlog=4096)
+
+    async def status(reader, writer) -> None:
+        # The same body as nginx's stub_status, which backend_accepts() reads; like nginx,
+        # it counts its own connection (measure_load subtracts it).
+        APP_STATS["accepts"] += 1
+        a = APP_STATS["accepts"]
+        body = f"Active connections: 0\nserver accepts handled requests\n {a} {a} 0\n"
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n{body}".encode())
+        await writer.drain()
+        writer.close()
+
+    await asyncio.start_server(status, "127.0.0.1", status_port)
+    await asyncio.Event().wait()
+
+
+def app_backend_main(argv: list[str]) -> None:
+    ports = [int(p) for p in argv[0].split(",")]
+    raise_nofile()
+    asyncio.run(_app_backend(ports, int(argv[1])))
+
+
+# --------------------------------------------------------------------------------------
 # The bench
 
 
@@ -810,6 +909,10 @@ class Env:
     backends: list[int] = field(default_factory=list)
     status_port: int = 0
     backend_proc: subprocess.Popen | None = None
+    # Scenario 9's app: three ports of one Python process, and its accept counter's port.
+    app_ports: list[int] = field(default_factory=list)
+    app_status_port: int = 0
+    app_proc: subprocess.Popen | None = None
     gangway_bin: Path | None = None
     cert: Path | None = None
     key: Path | None = None
@@ -817,9 +920,10 @@ class Env:
     counter: int = 0
 
 
-def backend_accepts(env: Env) -> int | None:
+def backend_accepts(env: Env, scen: "Scenario | None" = None) -> int | None:
+    port = env.app_status_port if scen is not None and scen.backend == "app" else env.status_port
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", env.status_port, timeout=3)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
         conn.request("GET", "/")
         body = conn.getresponse().read().decode()
         conn.close()
@@ -858,6 +962,33 @@ def start_backends(env: Env, workers: int) -> None:
         f"(CPU {env.load_cpus}), stub_status on {env.status_port}")
 
 
+def start_app(env: Env) -> None:
+    """Scenario 9's backend: one Python process (so one core's worth of app) on three ports."""
+    ports = free_ports(4)
+    env.app_ports, env.app_status_port = ports[:3], ports[3]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--app-backend",
+            ",".join(map(str, env.app_ports)), str(env.app_status_port)]
+    p = env.procs.start(argv, env.load_cpus, env.tmp / "app.log")
+    for port in env.app_ports + [env.app_status_port]:
+        wait_port(port, p)
+    env.app_proc = p
+    for port in env.app_ports:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/")
+        body = conn.getresponse().read()
+        conn.close()
+        if body.decode() != SMALL_BODY:
+            raise RuntimeError(f"app backend on {port} answers wrongly: {body!r}")
+    log(f"app backend: one Python process on 127.0.0.1:{env.app_ports} (CPU {env.load_cpus})")
+
+
+def backend_of(env: Env, scen: Scenario) -> tuple[list[int], subprocess.Popen | None]:
+    """The ports the proxies forward to in this scenario, and the process behind them."""
+    if scen.backend == "app":
+        return env.app_ports, env.app_proc
+    return env.backends, env.backend_proc
+
+
 def make_cert(env: Env) -> None:
     env.cert, env.key = env.tmp / "cert.pem", env.tmp / "key.pem"
     subprocess.run(
@@ -893,7 +1024,7 @@ def given_gangway_bin(args: argparse.Namespace) -> Path | None:
 def start_proxy(env: Env, name: str, scen: Scenario, workers: int, run_dir: Path
                 ) -> tuple[subprocess.Popen, RunCfg]:
     port, spare = free_ports(2)
-    c = RunCfg(env.tmp, scen, workers, port, spare, env.backends, env.cert, env.key,
+    c = RunCfg(env.tmp, scen, workers, port, spare, backend_of(env, scen)[0], env.cert, env.key,
                env.combined, env.args.idle_conns)
     logf = run_dir / f"{name}.log"
     base_env = dict(os.environ)
@@ -976,10 +1107,11 @@ def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: 
                  bound, run_dir / f"{name}-warmup")
     pgid = proc.pid
     h2log = run_dir / f"{name}-h2load.log"
-    acc0 = backend_accepts(env)
+    backend_proc = backend_of(env, scen)[1]
+    acc0 = backend_accepts(env, scen)
     (ucpu0, scpu0) = group_cpu_split(pgid)
     cpu0 = ucpu0 + scpu0
-    bcpu0 = group_cpu_seconds(env.backend_proc.pid)
+    bcpu0 = group_cpu_seconds(backend_proc.pid)
     cores0 = cpu_times()
     t0 = time.monotonic()
     text = run_tool(env.procs, load_argv(scen, url, threads, args.duration, h2log, env.tmp),
@@ -988,8 +1120,8 @@ def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: 
     cores1 = cpu_times()
     (ucpu1, scpu1) = group_cpu_split(pgid)
     cpu1 = ucpu1 + scpu1
-    bcpu1 = group_cpu_seconds(env.backend_proc.pid)
-    acc1 = backend_accepts(env)
+    bcpu1 = group_cpu_seconds(backend_proc.pid)
+    acc1 = backend_accepts(env, scen)
     r = parse_wrk(text) if scen.tool == "wrk" else parse_h2load(text, h2log)
     with contextlib.suppress(OSError):
         h2log.unlink()
@@ -1097,8 +1229,8 @@ def one_run(env: Env, name: str, scen: Scenario, workers: int, rnd: int) -> dict
     proc = None
     try:
         if name == "direct":
-            port = env.backends[0]
-            proc = env.backend_proc
+            ports, proc = backend_of(env, scen)
+            port = ports[0]
             rec.update(measure_load(env, name, scen, workers, proc, port, run_dir, True))
         else:
             proc, c = start_proxy(env, name, scen, workers, run_dir)
@@ -1563,6 +1695,20 @@ def ratios(runs: list[dict], a: str, b: str) -> list[dict]:
     return out
 
 
+def vs_direct(runs: list[dict]) -> list[dict]:
+    """Each proxy's req/s ÷ the no-proxy baseline's, in the scenarios that have one (median
+    of the per-round ratios). Issue 8 wants ≥ 0.90 where the backend is the bottleneck
+    (scenario 9); in 1 and 2 the load generator's CPU is, so there it says little."""
+    out = []
+    proxies = sorted({r["proxy"] for r in runs if r["proxy"] != "direct"})
+    for p in proxies:
+        for r in ratios(runs, p, "direct"):
+            if r["rounds"] and r["rps"] is not None:
+                out.append({"workers": r["workers"], "scenario": r["scenario"], "proxy": p,
+                            "rps_ratio": r["rps"], "rounds": r["rounds"]})
+    return out
+
+
 def run_notes(r: dict) -> list[str]:
     """The notes column of a summary row: cores other programs used, errors, failures."""
     notes = []
@@ -1637,7 +1783,8 @@ def versions(tools: dict, gangway_bin: Path | None) -> dict:
 
 
 def write_markdown(path: Path, meta: dict, summary: list[dict], rat: list[dict],
-                   best: list[dict], lg: dict | None = None) -> None:
+                   best: list[dict], lg: dict | None = None,
+                   direct: list[dict] | None = None) -> None:
     L = []
     mi = meta["machine"]
     L.append("# gangway side-by-side benchmark\n")
@@ -1729,6 +1876,18 @@ def write_markdown(path: Path, meta: dict, summary: list[dict], rat: list[dict],
                          f"| {fmt(r['rps'], 2)} | {fmt(r['p99_ms'], 2)} "
                          f"| {fmt(r['peak_rss_mib'], 2)} | {fmt(r['rss_mib'], 2)} "
                          f"| {fmt(b.get('ratio'), 2)} | {r['rounds']} |")
+        dd = [d for d in direct or [] if d["workers"] == w]
+        if dd:
+            L.append("")
+            L.append("### req/s ÷ no proxy (same round, median of per-round ratios; issue 8 "
+                     "wants ≥ 0.90 where the backend is the bottleneck, scenario 9)\n")
+            cols = [p for p in meta["order"] if any(d["proxy"] == p for d in dd)]
+            L.append("| scenario | " + " | ".join(cols) + " |")
+            L.append("|---|" + "---:|" * len(cols))
+            for sc in sorted({d["scenario"] for d in dd}):
+                cells = [next((fmt(d["rps_ratio"], 2) for d in dd
+                               if d["scenario"] == sc and d["proxy"] == p), "–") for p in cols]
+                L.append(f"| {SCENARIOS[sc].short} | " + " | ".join(cells) + " |")
         L.append("")
     if lg:
         L += loadgen_markdown(meta, lg)
@@ -1873,6 +2032,7 @@ def write_outputs(env_args, meta: dict, runs: list[dict], lg_runs: list[dict] | 
     summary = summarize(runs)
     rat = ratios(runs, "gangway", "nginx")
     best = best_ratio(summary)
+    direct = vs_direct(runs)
     if not env_args.no_plot and summary:
         if have_matplotlib(not env_args.no_pip):
             try:
@@ -1884,7 +2044,8 @@ def write_outputs(env_args, meta: dict, runs: list[dict], lg_runs: list[dict] | 
             log("matplotlib is not available: no plot (pip install matplotlib to get one)")
     slim_runs = [{k: v for k, v in r.items() if k != "raw_output"} for r in runs]
     doc = {"meta": meta, "summary": summary, "ratio_gangway_nginx": rat,
-           "gangway_cpu_vs_best_of_nginx_haproxy": best, "runs": slim_runs}
+           "gangway_cpu_vs_best_of_nginx_haproxy": best, "rps_vs_direct": direct,
+           "runs": slim_runs}
     if lg is not None:
         doc["load_generators"] = dict(
             lg, runs=[{k: v for k, v in r.items() if k != "raw_output"} for r in lg_runs])
@@ -1896,7 +2057,7 @@ def write_outputs(env_args, meta: dict, runs: list[dict], lg_runs: list[dict] | 
         + [{"round": r["round"], "scenario": "loadgen", "target": r["target"],
             "generator": r["generator"], "workers": r["workers"],
             "output": r.get("raw_output")} for r in lg_runs], indent=1))
-    write_markdown(out / "results.md", meta, summary, rat, best, lg)
+    write_markdown(out / "results.md", meta, summary, rat, best, lg, direct)
     log(f"wrote {out / 'results.md'}, {out / 'results.json'}"
         + (f", {out / 'results.png'}" if meta.get("plot") else ""))
     return lg
@@ -2522,7 +2683,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 3 s measurements, 1 round, 1 s warm-up")
-    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7,8", help="comma list of 1-8")
+    ap.add_argument("--scenarios", default="1,2,3,4,5,6,7,8,9", help="comma list of 1-9")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 3; quick 1)")
     ap.add_argument("--duration", type=float, default=None,
                     help=f"seconds per measurement (default 10; quick 3; max {MAX_DURATION:.0f})")
@@ -2586,6 +2747,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--idle-client":
         idle_client_main(argv[1:])
+        return 0
+    if argv and argv[0] == "--app-backend":
+        app_backend_main(argv[1:])
         return 0
     args = parse_args(argv)
 
@@ -2674,6 +2838,8 @@ def main(argv: list[str]) -> int:
                 log(f"only {ncpu} CPUs: with {workers} workers the proxy and the load "
                     f"generator share CPUs {pcpus}")
             start_backends(env, max(1, len(env.load_cpu_list)))
+            if any(SCENARIOS[s].backend == "app" for s in scenario_ids):
+                start_app(env)
             for rnd in range(1, args.rounds + 1):
                 for s in scenario_ids:
                     scen = SCENARIOS[s]
@@ -2690,6 +2856,9 @@ def main(argv: list[str]) -> int:
                     lg_runs += loadgen_round(env, workers, rnd)
             procs.stop(env.backend_proc)
             env.backend_proc = None
+            if env.app_proc is not None:
+                procs.stop(env.app_proc)
+                env.app_proc = None
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping everything and writing partial results")
