@@ -240,6 +240,8 @@ pub fn set_forwarding(
         // published 8443 mapped to gangway's 443 shows here), else the default port of a
         // trusted proxy's scheme, else our listener's port.
         let port = match host_port(fwd.host) {
+            // Most clients name the port they connected to: the text made once per connection.
+            Some(p) if p == fwd.conn.port => fwd.conn.port_value.clone(),
             Some(p) => HeaderValue::from(p),
             None if !from_trusted => fwd.conn.port_value.clone(),
             None => match headers.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {

@@ -16,6 +16,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use smallvec::SmallVec;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -27,6 +28,13 @@ use tokio::net::TcpStream;
 const MAX_HEAD: usize = 64 * 1024;
 /// Response headers at most (hyper's default).
 const MAX_HEADERS: usize = 100;
+/// The least capacity of a response's header map. hyper's HTTP/1.1 server keeps the map of
+/// the response it wrote and parses the client's next request into it; gangway then adds
+/// up to eight forwarding headers (`headers::set_forwarding` reserves them). A map made
+/// for 13 holds 24, so a request of up to 16 headers takes them without growing: sized for
+/// the response alone (6 headers from nginx), every request's map grew once, an allocation
+/// and a reallocation per request.
+const RESPONSE_MAP_MIN: usize = 13;
 /// How much is read at a time while no body length says more.
 const READ_SIZE: usize = 8 * 1024;
 /// The largest read for a long body.
@@ -382,9 +390,10 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
     } else {
         Version::HTTP_11
     };
-    // Where each name and value sits in the head, so the values can share its bytes.
+    // Where each name and value sits in the head, so the values can share its bytes. On the
+    // stack up to 16 headers: a Vec here was one allocation per response.
     let base = buf.as_ptr() as usize;
-    let mut spans = Vec::with_capacity(resp.headers.len());
+    let mut spans: SmallVec<[(HeaderName, usize, usize); 16]> = SmallVec::new();
     for h in resp.headers.iter() {
         let at = h.value.as_ptr() as usize - base;
         let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -392,7 +401,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
         spans.push((name, at, at + h.value.len()));
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = HeaderMap::with_capacity(spans.len().max(RESPONSE_MAP_MIN));
     for (name, start, end) in spans {
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| broken(format!("invalid value for header {name}")))?;
@@ -790,6 +799,27 @@ mod tests {
         assert_eq!(parts.headers["x-b"], "two");
         assert_eq!(framing, Framing::Length(3));
         assert_eq!(&buf[..], b"abcNEXT");
+    }
+
+    #[test]
+    fn a_response_map_takes_the_next_request_and_its_forwarding_headers_without_growing() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 204 No Content\r\nx-a: one\r\n\r\n"[..]);
+        let Ok(Parsed::Final((parts, _, _))) = parse_head(&mut buf, &Method::GET) else {
+            panic!("no head");
+        };
+        // What hyper's HTTP/1.1 server does with the map of the response it wrote: clears
+        // it and parses the next request into it; then set_forwarding reserves 8 more.
+        let mut map = parts.headers;
+        let capacity = map.capacity();
+        map.clear();
+        for i in 0..16 {
+            map.insert(
+                HeaderName::from_bytes(format!("x-request-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        map.reserve(8);
+        assert_eq!(map.capacity(), capacity, "the map grew");
     }
 
     #[test]
