@@ -171,6 +171,12 @@ fn is_forwarding_header(name: &HeaderName) -> bool {
 /// From a trusted peer the chains are extended and the peer's Proto/Host/Port kept; from any
 /// other peer every incoming forwarding header is discarded first. Returns the client address
 /// the app will see (for logs and `ip_hash`).
+/// How many headers gangway may add to a request it forwards: Host (from an HTTP/2
+/// request's :authority), the seven of [`set_forwarding`] (X-Forwarded-For, -Proto, -Host,
+/// -Port and -Prefix, X-Real-IP, Forwarded) and X-Request-Id. `Proxy::route` reserves room
+/// for them at once, so the request's header map grows once at most, not at each insert.
+pub(crate) const ADDED_HEADERS: usize = 9;
+
 pub fn set_forwarding(
     headers: &mut HeaderMap,
     fwd: &Forwarding<'_>,
@@ -178,8 +184,9 @@ pub fn set_forwarding(
 ) -> IpAddr {
     let peer = fwd.conn.ip;
     let from_trusted = trusted.contains(peer);
-    // Up to seven headers are added: one growth of the map, not several.
-    headers.reserve(8);
+    // Up to seven headers are added: one growth of the map, not several (a no-op when the
+    // caller reserved ADDED_HEADERS already, as Proxy::route does).
+    headers.reserve(7);
     if !from_trusted && headers.keys().any(is_forwarding_header) {
         for name in [
             &X_FORWARDED_FOR,

@@ -352,6 +352,8 @@ impl Proxy {
         } else {
             Version::HTTP_11
         };
+        // Host, the forwarding headers and X-Request-Id below: one growth at most.
+        parts.headers.reserve(headers::ADDED_HEADERS);
         if !parts.headers.contains_key(header::HOST) {
             parts.headers.insert(header::HOST, host.clone());
         }

@@ -30,10 +30,9 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// The least capacity of a response's header map. hyper's HTTP/1.1 server keeps the map of
 /// the response it wrote and parses the client's next request into it; gangway then adds
-/// up to eight forwarding headers (`headers::set_forwarding` reserves them). A map made
-/// for 13 holds 24, so a request of up to 16 headers takes them without growing: sized for
-/// the response alone (6 headers from nginx), every request's map grew once, an allocation
-/// and a reallocation per request.
+/// up to [`ADDED_HEADERS`](crate::proxy::headers::ADDED_HEADERS) (9) to the request. A map made for 13 holds 24, so a request of
+/// up to 15 headers takes them without growing: sized for the response alone (6 headers
+/// from nginx), every request's map grew once, an allocation and a reallocation each.
 const RESPONSE_MAP_MIN: usize = 13;
 /// How much is read at a time while no body length says more.
 const READ_SIZE: usize = 8 * 1024;
@@ -808,17 +807,18 @@ mod tests {
             panic!("no head");
         };
         // What hyper's HTTP/1.1 server does with the map of the response it wrote: clears
-        // it and parses the next request into it; then set_forwarding reserves 8 more.
+        // it and parses the next request into it; then Proxy::route reserves room for the
+        // headers gangway adds.
         let mut map = parts.headers;
         let capacity = map.capacity();
         map.clear();
-        for i in 0..16 {
+        for i in 0..15 {
             map.insert(
                 HeaderName::from_bytes(format!("x-request-{i}").as_bytes()).unwrap(),
                 HeaderValue::from_static("v"),
             );
         }
-        map.reserve(8);
+        map.reserve(crate::proxy::headers::ADDED_HEADERS);
         assert_eq!(map.capacity(), capacity, "the map grew");
     }
 
