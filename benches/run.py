@@ -933,6 +933,28 @@ def backend_accepts(env: Env, scen: "Scenario | None" = None) -> int | None:
         return None
 
 
+def start_listening(env: Env, argv: list[str], logf: Path, ports: list[int]
+                    ) -> subprocess.Popen:
+    """Starts a backend process on the load CPUs and waits until it listens on `ports`."""
+    p = env.procs.start(argv, env.load_cpus, logf)
+    for port in ports:
+        wait_port(port, p)
+    return p
+
+
+def get_bodies(port: int, *paths: str) -> list[bytes]:
+    """GETs each path in turn on one keep-alive connection; the response bodies."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        bodies = []
+        for path in paths:
+            conn.request("GET", path)
+            bodies.append(conn.getresponse().read())
+        return bodies
+    finally:
+        conn.close()
+
+
 def start_backends(env: Env, workers: int) -> None:
     www = env.tmp / "www"
     www.mkdir(exist_ok=True)
@@ -942,20 +964,13 @@ def start_backends(env: Env, workers: int) -> None:
     env.backends, env.status_port = ports[:3], ports[3]
     conf = env.tmp / "backend.conf"
     conf.write_text(backend_nginx_conf(env.tmp, env.backends, env.status_port, workers))
-    p = env.procs.start(["nginx", "-c", str(conf), "-p", str(env.tmp), "-e",
-                         str(env.tmp / "backend-error.log")],
-                        env.load_cpus, env.tmp / "backend.log")
-    for port in env.backends + [env.status_port]:
-        wait_port(port, p)
-    env.backend_proc = p
+    env.backend_proc = start_listening(
+        env, ["nginx", "-c", str(conf), "-p", str(env.tmp), "-e",
+              str(env.tmp / "backend-error.log")],
+        env.tmp / "backend.log", env.backends + [env.status_port])
     # Sanity: a small and a large body from each backend.
     for port in env.backends:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/")
-        body = conn.getresponse().read()
-        conn.request("GET", "/64k.bin")
-        big = conn.getresponse().read()
-        conn.close()
+        body, big = get_bodies(port, "/", "/64k.bin")
         if body.decode() != SMALL_BODY or len(big) != BIG_SIZE:
             raise RuntimeError(f"backend on {port} answers wrongly: {body!r}, {len(big)} B")
     log(f"backends: nginx ({workers} worker) on 127.0.0.1:{env.backends} "
@@ -968,15 +983,10 @@ def start_app(env: Env) -> None:
     env.app_ports, env.app_status_port = ports[:3], ports[3]
     argv = [sys.executable, str(Path(__file__).resolve()), "--app-backend",
             ",".join(map(str, env.app_ports)), str(env.app_status_port)]
-    p = env.procs.start(argv, env.load_cpus, env.tmp / "app.log")
-    for port in env.app_ports + [env.app_status_port]:
-        wait_port(port, p)
-    env.app_proc = p
+    env.app_proc = start_listening(env, argv, env.tmp / "app.log",
+                                   env.app_ports + [env.app_status_port])
     for port in env.app_ports:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/")
-        body = conn.getresponse().read()
-        conn.close()
+        (body,) = get_bodies(port, "/")
         if body.decode() != SMALL_BODY:
             raise RuntimeError(f"app backend on {port} answers wrongly: {body!r}")
     log(f"app backend: one Python process on 127.0.0.1:{env.app_ports} (CPU {env.load_cpus})")
