@@ -166,17 +166,17 @@ fn is_forwarding_header(name: &HeaderName) -> bool {
     name == header::FORWARDED || name == X_REAL_IP || name.as_str().starts_with("x-forwarded-")
 }
 
-/// Sets X-Forwarded-For/Proto/Host/Port/Prefix, X-Real-IP and Forwarded.
-///
-/// From a trusted peer the chains are extended and the peer's Proto/Host/Port kept; from any
-/// other peer every incoming forwarding header is discarded first. Returns the client address
-/// the app will see (for logs and `ip_hash`).
 /// How many headers gangway may add to a request it forwards: Host (from an HTTP/2
 /// request's :authority), the seven of [`set_forwarding`] (X-Forwarded-For, -Proto, -Host,
 /// -Port and -Prefix, X-Real-IP, Forwarded) and X-Request-Id. `Proxy::route` reserves room
 /// for them at once, so the request's header map grows once at most, not at each insert.
 pub(crate) const ADDED_HEADERS: usize = 9;
 
+/// Sets X-Forwarded-For/Proto/Host/Port/Prefix, X-Real-IP and Forwarded.
+///
+/// From a trusted peer the chains are extended and the peer's Proto/Host/Port kept; from any
+/// other peer every incoming forwarding header is discarded first. Returns the client address
+/// the app will see (for logs and `ip_hash`).
 pub fn set_forwarding(
     headers: &mut HeaderMap,
     fwd: &Forwarding<'_>,
