@@ -30,9 +30,10 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// The least capacity of a response's header map. hyper's HTTP/1.1 server keeps the map of
 /// the response it wrote and parses the client's next request into it; gangway then adds
-/// up to [`ADDED_HEADERS`](crate::proxy::headers::ADDED_HEADERS) (9) to the request. A map made for 13 holds 24, so a request of
-/// up to 15 headers takes them without growing: sized for the response alone (6 headers
-/// from nginx), every request's map grew once, an allocation and a reallocation each.
+/// up to [`ADDED_HEADERS`](crate::proxy::headers::ADDED_HEADERS) (9) to the request. A map
+/// made for 13 holds 24, so a request of up to 15 headers takes them without growing: sized
+/// for the response alone (6 headers from nginx), every request's map grew once, an
+/// allocation and a reallocation each.
 const RESPONSE_MAP_MIN: usize = 13;
 /// How much is read at a time while no body length says more.
 const READ_SIZE: usize = 8 * 1024;
@@ -41,6 +42,8 @@ const MAX_READ: usize = 64 * 1024;
 /// An idle connection keeps buffers up to this size; larger ones (left by a long body or a
 /// large head) are freed rather than pinned by the pool.
 const KEEP_IDLE: usize = 16 * 1024;
+/// The header line added to a request whose body has no Content-Length.
+const TE_CHUNKED: &[u8] = b"transfer-encoding: chunked\r\n";
 /// A chunk-size line (with extensions) or a trailer line longer than this is refused.
 const MAX_LINE: usize = 4096;
 
@@ -339,7 +342,7 @@ enum Parsed {
 fn encode_head(out: &mut Vec<u8>, req: &http::request::Parts, chunked: bool) {
     out.clear();
     let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut size = req.method.as_str().len() + target.len() + 13 + 28;
+    let mut size = req.method.as_str().len() + target.len() + 13 + TE_CHUNKED.len();
     for (name, value) in &req.headers {
         size += name.as_str().len() + value.len() + 4;
     }
@@ -355,7 +358,7 @@ fn encode_head(out: &mut Vec<u8>, req: &http::request::Parts, chunked: bool) {
         out.extend_from_slice(b"\r\n");
     }
     if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        out.extend_from_slice(TE_CHUNKED);
     }
     out.extend_from_slice(b"\r\n");
 }
