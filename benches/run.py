@@ -920,10 +920,11 @@ class Env:
     counter: int = 0
 
 
-def backend_accepts(env: Env, scen: "Scenario | None" = None) -> int | None:
-    port = env.app_status_port if scen is not None and scen.backend == "app" else env.status_port
+def backend_accepts(status_port: int) -> int | None:
+    """Connections a backend accepted so far, from its stub_status page (the app serves
+    the same page)."""
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+        conn = http.client.HTTPConnection("127.0.0.1", status_port, timeout=3)
         conn.request("GET", "/")
         body = conn.getresponse().read().decode()
         conn.close()
@@ -992,11 +993,18 @@ def start_app(env: Env) -> None:
     log(f"app backend: one Python process on 127.0.0.1:{env.app_ports} (CPU {env.load_cpus})")
 
 
-def backend_of(env: Env, scen: Scenario) -> tuple[list[int], subprocess.Popen | None]:
-    """The ports the proxies forward to in this scenario, and the process behind them."""
+@dataclass
+class Backend:
+    ports: list[int]  # what the proxies forward to
+    proc: subprocess.Popen | None  # the process behind them (its CPU is reported)
+    status_port: int  # its stub_status page (upstream connects)
+
+
+def backend_of(env: Env, scen: Scenario) -> Backend:
+    """Who answers behind the proxies in this scenario."""
     if scen.backend == "app":
-        return env.app_ports, env.app_proc
-    return env.backends, env.backend_proc
+        return Backend(env.app_ports, env.app_proc, env.app_status_port)
+    return Backend(env.backends, env.backend_proc, env.status_port)
 
 
 def make_cert(env: Env) -> None:
@@ -1034,7 +1042,7 @@ def given_gangway_bin(args: argparse.Namespace) -> Path | None:
 def start_proxy(env: Env, name: str, scen: Scenario, workers: int, run_dir: Path
                 ) -> tuple[subprocess.Popen, RunCfg]:
     port, spare = free_ports(2)
-    c = RunCfg(env.tmp, scen, workers, port, spare, backend_of(env, scen)[0], env.cert, env.key,
+    c = RunCfg(env.tmp, scen, workers, port, spare, backend_of(env, scen).ports, env.cert, env.key,
                env.combined, env.args.idle_conns)
     logf = run_dir / f"{name}.log"
     base_env = dict(os.environ)
@@ -1117,8 +1125,9 @@ def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: 
                  bound, run_dir / f"{name}-warmup")
     pgid = proc.pid
     h2log = run_dir / f"{name}-h2load.log"
-    backend_proc = backend_of(env, scen)[1]
-    acc0 = backend_accepts(env, scen)
+    backend = backend_of(env, scen)
+    backend_proc = backend.proc
+    acc0 = backend_accepts(backend.status_port)
     (ucpu0, scpu0) = group_cpu_split(pgid)
     cpu0 = ucpu0 + scpu0
     bcpu0 = group_cpu_seconds(backend_proc.pid)
@@ -1131,7 +1140,7 @@ def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: 
     (ucpu1, scpu1) = group_cpu_split(pgid)
     cpu1 = ucpu1 + scpu1
     bcpu1 = group_cpu_seconds(backend_proc.pid)
-    acc1 = backend_accepts(env, scen)
+    acc1 = backend_accepts(backend.status_port)
     r = parse_wrk(text) if scen.tool == "wrk" else parse_h2load(text, h2log)
     with contextlib.suppress(OSError):
         h2log.unlink()
@@ -1239,8 +1248,8 @@ def one_run(env: Env, name: str, scen: Scenario, workers: int, rnd: int) -> dict
     proc = None
     try:
         if name == "direct":
-            ports, proc = backend_of(env, scen)
-            port = ports[0]
+            backend = backend_of(env, scen)
+            port, proc = backend.ports[0], backend.proc
             rec.update(measure_load(env, name, scen, workers, proc, port, run_dir, True))
         else:
             proc, c = start_proxy(env, name, scen, workers, run_dir)
@@ -2231,7 +2240,7 @@ def soak_sample(env: Env, proc, admin_port: int, t: float, phase: str) -> dict:
     fds, threads = group_fds_threads(proc.pid)
     s = {"t": round(t, 1), "phase": phase, "rss_kib": rss, "hwm_kib": hwm,
          "cpu_s": round(group_cpu_seconds(proc.pid), 3), "fds": fds, "threads": threads,
-         "backend_accepts": backend_accepts(env)}
+         "backend_accepts": backend_accepts(env.status_port)}
     m = gangway_metrics(admin_port)
     if m is not None:
         s.update(m)
