@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import http.client
 import json
+import math
 import os
 import platform
 import re
@@ -66,11 +67,26 @@ class Scenario:
     # Who answers behind the proxy: "nginx" (three fast nginx servers) or "app" (three
     # ports of one Python process doing an app's work per request: the bottleneck).
     backend: str = "nginx"
+    # h2load speaks HTTP/1.1 (`--h1`), one request at a time per connection.
+    h1: bool = False
 
     @property
-    def wrk_delay_ms(self) -> int:
-        """wrk's Lua delay() before each request on a connection, for `rate`."""
-        return max(1, round(self.conns * 1000 / self.rate))
+    def rps_per_conn(self) -> int:
+        """h2load's `--rps`: each connection's share of `rate`."""
+        return max(1, round(self.rate / self.conns))
+
+    @property
+    def conns_per_ms(self) -> int:
+        """h2load's `-r` with `--rate-period 1ms`: how many connections to open each
+        millisecond so that they spread evenly over one period of h2load's request timer.
+
+        Each h2load client starts its `--rps` timer when its connection is up, and the
+        timer fires every max(10 ms, 1/rps) with the requests due since the last time. With
+        every connection opened at once the timers fire together, and the phase of each
+        depends on when the proxy finished that connection's handshake: the bursts, and so
+        the latency, would then depend on the proxy, not only on the offered load."""
+        timer_ms = max(10, math.ceil(1000 / self.rps_per_conn))
+        return max(1, math.ceil(self.conns / timer_ms))
 
     @property
     def short(self) -> str:
@@ -87,9 +103,10 @@ SCENARIOS = {
     6: Scenario(6, "10 000 idle keep-alive connections (memory)", "idle", False,
                 conns=10000),
     # Issue 8's latency target is "p99 <= nginx's at the same offered load": saturating
-    # runs (1-5) compare CPU, these two compare latency at a fixed 20k req/s.
-    7: Scenario(7, "plain HTTP/1.1 keep-alive at 20k req/s offered", "wrk", False,
-                rate=20000),
+    # runs (1-5) compare CPU, these two compare latency at a fixed 20k req/s, offered by
+    # h2load's timers on connections opened spread over one timer period (conns_per_ms).
+    7: Scenario(7, "plain HTTP/1.1 keep-alive at 20k req/s offered", "h2load", False,
+                conns=200, rate=20000, h1=True),
     8: Scenario(8, "HTTP/2 over TLS at 20k req/s offered", "h2load", True, streams=10,
                 rate=20000),
     # Issue 8's "throughput within 10 % of the direct baseline's where the backend is the
@@ -376,7 +393,7 @@ def run_tool(procs: Procs, argv: list[str], cpus: str, timeout: float, log_path:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             procs.stop(p)
-            raise RuntimeError(f"{argv[0]} did not finish within {timeout:.0f} s")
+            raise TimeoutError(f"{argv[0]} did not finish within {timeout:.0f} s")
         finally:
             if p in procs.live:
                 procs.live.remove(p)
@@ -672,7 +689,8 @@ def parse_wrk(text: str) -> dict:
     return r
 
 
-def parse_h2load(text: str, log_file: Path) -> dict:
+def parse_h2load(text: str, log_file: Path, want: str = "h2") -> dict:
+    """h2load's figures; the run fails unless the application protocol was `want`."""
     r: dict = {}
     m = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s", text)
     if not m:
@@ -712,32 +730,32 @@ def parse_h2load(text: str, log_file: Path) -> dict:
             r[key] = round(durations[idx] / 1000.0, 3)
         else:
             r[key] = None
-    if r.get("alpn") != "h2":
+    if r.get("alpn") != want:
         r["errors"] = max(r.get("errors", 0), 1)
-        r["note"] = f"application protocol was {r.get('alpn')}, not h2"
+        r["note"] = f"application protocol was {r.get('alpn')}, not {want}"
     return r
 
 
 def load_argv(scen: Scenario, url: str, threads: int, seconds: float,
-              log_file: Path | None, tmp: Path | None = None) -> list[str]:
+              log_file: Path | None) -> list[str]:
     if scen.tool == "wrk":
         argv = ["wrk", f"-t{threads}", f"-c{scen.conns}", f"-d{max(1, round(seconds))}s",
                 "--latency", "--timeout", "5s"]
         if scen.close:
             argv += ["-H", "Connection: close"]
-        if scen.rate:
-            if tmp is None:
-                raise ValueError("a paced wrk run needs a directory for its Lua script")
-            script = tmp / f"paced-{scen.id}.lua"
-            script.write_text(f"-- about {scen.rate} req/s over {scen.conns} connections\n"
-                              f"function delay()\n  return {scen.wrk_delay_ms}\nend\n")
-            argv += ["-s", str(script)]
         return argv + [url]
     if scen.tool == "h2load":
-        argv = ["h2load", "-t", str(threads), "-c", str(scen.conns), "-m", str(scen.streams),
-                "-D", str(max(1, round(seconds)))]
+        argv = ["h2load", "-t", str(threads), "-c", str(scen.conns), "-m", str(scen.streams)]
+        if scen.h1:
+            argv += ["--h1"]
         if scen.rate:
-            argv += ["--rps", str(max(1, round(scen.rate / scen.conns)))]
+            # -D and -r exclude each other: a paced run is a number of requests instead,
+            # which takes `seconds` at the offered rate.
+            argv += ["-n", str(max(scen.conns, round(scen.rate * seconds))),
+                     "--rps", str(scen.rps_per_conn),
+                     "-r", str(scen.conns_per_ms), "--rate-period", "1ms"]
+        else:
+            argv += ["-D", str(max(1, round(seconds)))]
         if log_file is not None:
             argv += ["--log-file", str(log_file)]
         return argv + [url]
@@ -1117,12 +1135,25 @@ def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: 
     scheme = "https" if scen.tls else "http"
     url = f"{scheme}://127.0.0.1:{port}{scen.path}"
     threads = max(1, len(env.load_cpu_list))
-    bound = args.duration + 30
+
+    def bound(seconds: float) -> float:
+        # A paced run is a number of requests: a proxy that cannot answer the offered rate
+        # would stretch it, so it is cut at half as long again, and fails as too slow.
+        return seconds * 1.5 + 3 if scen.rate else args.duration + 30
+
+    def run(seconds: float, log_file: Path | None, stem: str) -> str:
+        try:
+            return run_tool(env.procs, load_argv(scen, url, threads, seconds, log_file),
+                            env.load_cpus, bound(seconds), run_dir / stem)
+        except TimeoutError:
+            if not scen.rate:
+                raise
+            raise RuntimeError(f"did not keep up with the offered {scen.rate} req/s: the "
+                               f"{seconds:g} s of requests took over {bound(seconds):g} s")
+
     # Warm-up (caches, pools, JIT-free but allocator and connection pools matter).
     if args.warmup > 0:
-        run_tool(env.procs, load_argv(scen, url, threads, args.warmup, None, env.tmp),
-                 env.load_cpus,
-                 bound, run_dir / f"{name}-warmup")
+        run(args.warmup, None, f"{name}-warmup")
     pgid = proc.pid
     h2log = run_dir / f"{name}-h2load.log"
     backend = backend_of(env, scen)
@@ -1133,15 +1164,17 @@ def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: 
     bcpu0 = group_cpu_seconds(backend_proc.pid)
     cores0 = cpu_times()
     t0 = time.monotonic()
-    text = run_tool(env.procs, load_argv(scen, url, threads, args.duration, h2log, env.tmp),
-                    env.load_cpus, bound, run_dir / f"{name}-load")
+    text = run(args.duration, h2log, f"{name}-load")
     wall = time.monotonic() - t0
     cores1 = cpu_times()
     (ucpu1, scpu1) = group_cpu_split(pgid)
     cpu1 = ucpu1 + scpu1
     bcpu1 = group_cpu_seconds(backend_proc.pid)
     acc1 = backend_accepts(backend.status_port)
-    r = parse_wrk(text) if scen.tool == "wrk" else parse_h2load(text, h2log)
+    if scen.tool == "wrk":
+        r = parse_wrk(text)
+    else:
+        r = parse_h2load(text, h2log, "http/1.1" if scen.h1 else "h2")
     with contextlib.suppress(OSError):
         h2log.unlink()
     reqs = r.get("requests") or 0
@@ -1356,7 +1389,7 @@ def run_tool_cpu(procs: Procs, argv: list[str], cpus: str, timeout: float, log_p
         deadline = time.monotonic() + timeout
         while os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[0]} did not finish within {timeout:.0f} s")
+                raise TimeoutError(f"{argv[0]} did not finish within {timeout:.0f} s")
             time.sleep(0.05)
         cpu1 = pid_cpu_seconds(p.pid)
         _, status, ru = os.wait4(p.pid, 0)
