@@ -20,17 +20,33 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Turns transparent huge pages off for a serving process. mimalloc asks the kernel for huge
-/// pages on its arenas (where THP is `madvise`, Debian's default), so every 2 MiB region it
-/// touches becomes resident whole: 8 MiB more at start, and 10 000 idle connections took
-/// 47–60 MiB instead of 36–45. The A/B run on scenarios 1, 3 and 4 showed no CPU difference
-/// beyond noise (benches/README.md).
+/// mimalloc's option, and gangway's value for it (milliseconds).
+#[cfg(target_os = "linux")]
+const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
+#[cfg(target_os = "linux")]
+const PURGE_DELAY_MS: &str = "100";
+
+/// Sets up memory for a serving process: transparent huge pages off, and mimalloc's purge
+/// delay shortened.
 ///
-/// The flag only stops huge pages that are faulted in later, and the runtime's first
-/// allocations before `main` already made two. So the process sets the flag, which `execve`
-/// keeps, and executes itself again (same pid, arguments and environment); the new image sees
-/// the flag set and goes on. Where that fails it goes on as it is.
-fn no_huge_pages() {
+/// mimalloc asks the kernel for huge pages on its arenas (where THP is `madvise`, Debian's
+/// default), so every 2 MiB region it touches becomes resident whole: 8 MiB more at start,
+/// and 10 000 idle connections took 47–60 MiB instead of 36–45. The A/B run on scenarios 1,
+/// 3 and 4 showed no CPU difference beyond noise (benches/README.md).
+///
+/// mimalloc gives freed memory back to the system (purges it) only once it has been free for
+/// `MIMALLOC_PURGE_DELAY` (1000 ms by default), and only when a later free comes to check:
+/// after a burst of connections that then go idle, up to a second's worth of freed buffers
+/// stays resident. 100 ms held 10 000 idle connections in 28 MiB instead of 42–45, for at
+/// most 1–2 % more CPU per request under saturation (benches/README.md). An operator's own
+/// `MIMALLOC_PURGE_DELAY` wins.
+///
+/// The THP flag only stops huge pages that are faulted in later, the runtime's first
+/// allocations before `main` already made two, and mimalloc reads its options once, at start.
+/// So the process sets the flag, which `execve` keeps, and executes itself again (same pid,
+/// arguments, and environment plus the purge delay); the new image sees the flag set and goes
+/// on. Where that fails it goes on as it is.
+fn tune_memory() {
     #[cfg(target_os = "linux")]
     {
         use nix::sys::prctl;
@@ -40,10 +56,12 @@ fn no_huge_pages() {
         }
         let mut args = std::env::args_os();
         let arg0 = args.next().unwrap_or_else(|| "gangway".into());
-        let err = std::process::Command::new("/proc/self/exe")
-            .arg0(arg0)
-            .args(args)
-            .exec();
+        let mut again = std::process::Command::new("/proc/self/exe");
+        again.arg0(arg0).args(args);
+        if cfg!(feature = "mimalloc") && std::env::var_os(PURGE_DELAY).is_none() {
+            again.env(PURGE_DELAY, PURGE_DELAY_MS);
+        }
+        let err = again.exec();
         eprintln!("gangway: cannot restart without huge pages, going on with them: {err}");
     }
 }
@@ -189,7 +207,7 @@ fn main() -> ExitCode {
     let workers = worker_count();
     let serving = matches!(cli.command, Command::Run { .. } | Command::Demo { .. });
     if serving {
-        no_huge_pages();
+        tune_memory();
     }
     let started = runtime(serving, workers).and_then(|rt| {
         if serving {

@@ -366,17 +366,22 @@ async fn start_proxy_admin(
     workers: Option<&str>,
     admin: bool,
 ) -> (Proc, SocketAddr, Option<SocketAddr>, tempfile::TempDir) {
-    start_proxy_over(up.addr, "", &up.name, grace, workers, admin).await
+    let env: Vec<(&str, &str)> = workers
+        .map(|n| ("TOKIO_WORKER_THREADS", n))
+        .into_iter()
+        .collect();
+    start_proxy_over(up.addr, "", &up.name, grace, &env, admin).await
 }
 
 /// `gangway run` with one catch-all site over `upstream` (plus `site_extra` YAML lines in
-/// the site); ready once `/` answers 200 with `ready_body`.
+/// the site) and `env` added to its environment; ready once `/` answers 200 with
+/// `ready_body`.
 async fn start_proxy_over(
     upstream: SocketAddr,
     site_extra: &str,
     ready_body: &str,
     grace: &str,
-    workers: Option<&str>,
+    env: &[(&str, &str)],
     admin: bool,
 ) -> (Proc, SocketAddr, Option<SocketAddr>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -395,9 +400,7 @@ async fn start_proxy_over(
         )
         .expect("write config");
         let mut cmd = gangway(&["run", "-c", path.to_str().unwrap()]);
-        if let Some(n) = workers {
-            cmd.env("TOKIO_WORKER_THREADS", n);
-        }
+        cmd.envs(env.iter().copied());
         let mut proc = Proc::spawn(cmd);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -451,8 +454,9 @@ async fn until_refused(addr: SocketAddr, limit: Duration) -> bool {
 }
 
 /// A serving gangway turns transparent huge pages off and executes itself again, so that no
-/// page becomes resident 2 MiB at a time (benches/README.md: 10 000 idle connections). The
-/// process keeps the pid it was started with, its arguments, and serves as configured.
+/// page becomes resident 2 MiB at a time (benches/README.md: 10 000 idle connections), with
+/// mimalloc told to give freed memory back after 100 ms instead of a second. The process
+/// keeps the pid it was started with, its arguments, and serves as configured.
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_serving_process_runs_without_huge_pages_under_the_pid_it_was_started_with() {
@@ -475,10 +479,37 @@ async fn a_serving_process_runs_without_huge_pages_under_the_pid_it_was_started_
     assert_eq!(args[1], b"run");
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
     assert_eq!(exe, std::fs::canonicalize(BIN).expect("binary path"));
+    assert_eq!(purge_delay(pid), ["MIMALLOC_PURGE_DELAY=100"]);
     assert_eq!(
         try_get(addr, "/").await,
         Ok((200, "thp-upstream".to_owned()))
     );
+}
+
+/// An operator's own `MIMALLOC_PURGE_DELAY` is kept through that restart.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn an_operators_mimalloc_purge_delay_is_kept() {
+    let up = Upstream::start("purge-upstream").await;
+    let env = [("MIMALLOC_PURGE_DELAY", "2500")];
+    let (proc, _addr, _, _dir) = start_proxy_over(up.addr, "", &up.name, "1s", &env, false).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proc.pid())).expect("status");
+    assert!(
+        status.contains("THP_enabled:\t0"),
+        "not restarted: {status}"
+    );
+    assert_eq!(purge_delay(proc.pid()), ["MIMALLOC_PURGE_DELAY=2500"]);
+}
+
+/// The `MIMALLOC_PURGE_DELAY` entries of a process's environment.
+#[cfg(target_os = "linux")]
+fn purge_delay(pid: u32) -> Vec<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .filter(|v| v.starts_with("MIMALLOC_PURGE_DELAY="))
+        .collect()
 }
 
 #[tokio::test]
@@ -591,7 +622,7 @@ async fn two_workers_each_keep_one_h2c_connection_upstream() {
         "    upstream_protocol: h2c\n",
         "HTTP/2.0 app.test /",
         "1s",
-        Some("2"),
+        &[("TOKIO_WORKER_THREADS", "2")],
         false,
     )
     .await;
