@@ -463,12 +463,7 @@ async fn a_serving_process_runs_without_huge_pages_under_the_pid_it_was_started_
     let up = Upstream::start("thp-upstream").await;
     let (proc, addr, _dir) = start_proxy(&up, "1s").await;
     let pid = proc.child.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let thp = status
-        .lines()
-        .find_map(|l| l.strip_prefix("THP_enabled:"))
-        .map(str::trim);
-    assert_eq!(thp, Some("0"), "{status}");
+    assert_eq!(thp_enabled(pid).as_deref(), Some("0"));
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
     let args: Vec<&[u8]> = cmdline
         .split(|b| *b == 0)
@@ -493,12 +488,22 @@ async fn an_operators_mimalloc_purge_delay_is_kept() {
     let up = Upstream::start("purge-upstream").await;
     let env = [("MIMALLOC_PURGE_DELAY", "2500")];
     let (proc, _addr, _, _dir) = start_proxy_over(up.addr, "", &up.name, "1s", &env, false).await;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proc.pid())).expect("status");
-    assert!(
-        status.contains("THP_enabled:\t0"),
-        "not restarted: {status}"
+    assert_eq!(
+        thp_enabled(proc.pid()).as_deref(),
+        Some("0"),
+        "not restarted"
     );
     assert_eq!(purge_delay(proc.pid()), ["MIMALLOC_PURGE_DELAY=2500"]);
+}
+
+/// The `THP_enabled` field of a process's /proc status (0 once it turned huge pages off).
+#[cfg(target_os = "linux")]
+fn thp_enabled(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_owned())
 }
 
 /// The `MIMALLOC_PURGE_DELAY` entries of a process's environment.
