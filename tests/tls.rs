@@ -518,6 +518,34 @@ async fn h2c_upstreams_get_http2() {
     );
 }
 
+#[tokio::test]
+async fn an_h2c_body_that_stalls_longer_than_upstream_read_is_cut() {
+    let up = H2cUpstream::start().await;
+    let yaml = format!(
+        "timeouts:\n  upstream_read: 400ms\nsites:\n  - hosts: [\"*\"]\n    upstream_protocol: h2c\n    upstreams: [{}]\n",
+        up.addr
+    );
+    let gw = Gangway::start(&yaml).await;
+    let started = std::time::Instant::now();
+    let raw = raw_exchange(
+        gw.addr,
+        b"GET /stall HTTP/1.1\r\nhost: app.test\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&raw);
+    // Chunked (h2 gives no length), cut after "abc" without the last chunk.
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    assert!(text.ends_with("\r\n\r\n3\r\nabc\r\n"), "{text:?}");
+    assert!(took >= Duration::from_millis(380), "cut after {took:?}");
+    assert!(took < Duration::from_secs(3), "cut after {took:?}");
+    // The shared h2c connection stays up for the next request.
+    let got = get(gw.addr, "app.test", "/after").await;
+    assert_eq!(got.text(), "HTTP/2.0 app.test /after");
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
 /// gangway's cipher preference (AES-128-GCM, cheaper per byte) wins over a client that
 /// lists AES-256-GCM first, as OpenSSL-based clients (curl, wrk, Python) and rustls do.
 #[tokio::test]

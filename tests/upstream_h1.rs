@@ -20,12 +20,13 @@ enum After {
     Close,
 }
 
-/// A replica that answers each request head with `answer(head)`; counts its connections and
-/// reports each connection it closed on `closed`.
+/// A replica that answers each request head with `answer(head)`; counts its connections,
+/// reports each connection it closed on `closed` and each one gangway closed on `ended`.
 struct Scripted {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     closed: mpsc::UnboundedReceiver<()>,
+    ended: mpsc::UnboundedReceiver<()>,
 }
 
 impl Scripted {
@@ -41,22 +42,39 @@ impl Scripted {
     where
         F: Fn(&str) -> (Vec<u8>, After) + Send + Sync + 'static,
     {
+        Self::start_spaced(answer, piece, Duration::from_millis(1), false).await
+    }
+
+    /// Like `start_paced`, waiting `gap` after each piece; with `head_whole` the head goes
+    /// in one piece and only the body is cut up.
+    async fn start_spaced<F>(
+        answer: F,
+        piece: Option<usize>,
+        gap: Duration,
+        head_whole: bool,
+    ) -> Scripted
+    where
+        F: Fn(&str) -> (Vec<u8>, After) + Send + Sync + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let counted = connections.clone();
         let answer = Arc::new(answer);
         let (tx, closed) = mpsc::unbounded_channel();
+        let (end_tx, ended) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
                 let answer = answer.clone();
                 let tx = tx.clone();
+                let end_tx = end_tx.clone();
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
                     let mut buf = Vec::new();
                     loop {
                         let Some(end) = read_until(&mut stream, &mut buf, b"\r\n\r\n").await else {
+                            let _ = end_tx.send(());
                             return;
                         };
                         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -66,12 +84,18 @@ impl Scripted {
                             None => stream.write_all(&bytes).await,
                             Some(n) => {
                                 let mut r = Ok(());
-                                for p in bytes.chunks(n) {
+                                let split = match bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+                                    Some(i) if head_whole => i + 4,
+                                    _ => 0,
+                                };
+                                let (head, body) = bytes.split_at(split);
+                                let head = (!head.is_empty()).then_some(head);
+                                for p in head.into_iter().chain(body.chunks(n)) {
                                     r = stream.write_all(p).await;
                                     if r.is_err() {
                                         break;
                                     }
-                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                    tokio::time::sleep(gap).await;
                                 }
                                 r
                             }
@@ -89,6 +113,7 @@ impl Scripted {
             addr,
             connections,
             closed,
+            ended,
         }
     }
 
@@ -97,8 +122,13 @@ impl Scripted {
     }
 
     async fn gangway(&self) -> Gangway {
+        self.gangway_with("").await
+    }
+
+    /// gangway in front of this replica, with more top-level config.
+    async fn gangway_with(&self, extra: &str) -> Gangway {
         Gangway::start(&format!(
-            "sites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
+            "{extra}\nsites:\n  - hosts: [\"*\"]\n    upstreams: [{}]\n",
             self.addr
         ))
         .await
@@ -313,6 +343,60 @@ async fn a_truncated_body_is_cut_short_for_the_client_too() {
             || (text.contains("content-length: 10\r\n") && text.ends_with("\r\n\r\nabc")),
         "{text:?}"
     );
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_longer_than_upstream_read_is_cut_and_its_connection_closed() {
+    // Three of the ten bytes promised, then nothing: the replica keeps its socket open.
+    let mut up =
+        Scripted::start(|_| keep(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")).await;
+    let gw = up
+        .gangway_with("timeouts:\n  upstream_read: 400ms\naccess_log: text")
+        .await;
+    for round in 1..=2 {
+        let started = std::time::Instant::now();
+        let raw = raw_exchange(
+            gw.addr,
+            b"GET / HTTP/1.1\r\nhost: app.test\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await;
+        let took = started.elapsed();
+        // The client got the head and the three bytes, then the connection was closed:
+        // not before the limit, and long before the test's own 10 s.
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+        assert!(text.contains("content-length: 10\r\n"), "{text:?}");
+        assert!(text.ends_with("\r\n\r\nabc"), "{text:?}");
+        assert!(took >= Duration::from_millis(380), "cut after {took:?}");
+        assert!(took < Duration::from_secs(3), "cut after {took:?}");
+        // gangway closed its connection to the replica and never pooled it: each round
+        // needs a new one.
+        tokio::time::timeout(Duration::from_secs(5), up.ended.recv())
+            .await
+            .expect("gangway closed the stalled replica connection");
+        assert_eq!(up.connections(), round);
+    }
+}
+
+#[tokio::test]
+async fn a_slow_body_that_keeps_sending_within_upstream_read_is_relayed_whole() {
+    // Ten pieces 150 ms apart: 1.5 s in all, three times the limit, but never a pause of
+    // 400 ms.
+    let up = Scripted::start_spaced(
+        |_| keep(b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\n0123456789abcdefghij"),
+        Some(2),
+        Duration::from_millis(150),
+        true,
+    )
+    .await;
+    let gw = up.gangway_with("timeouts:\n  upstream_read: 400ms").await;
+    let started = std::time::Instant::now();
+    let got = get(gw.addr, "app.test", "/").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), "0123456789abcdefghij");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1300), "{took:?}");
 }
 
 #[tokio::test]

@@ -139,6 +139,8 @@ pub struct Timeouts {
     pub upstream_connect: Duration,
     /// Time from sending the request to receiving the upstream's response head.
     pub upstream_header: Duration,
+    /// Longest pause in a response body from a replica before gangway cuts it.
+    pub upstream_read: Duration,
     /// On SIGTERM/SIGINT, requests in flight get this long to finish.
     pub grace: Duration,
 }
@@ -150,6 +152,7 @@ impl Default for Timeouts {
             client_idle: Duration::from_secs(60),
             upstream_connect: Duration::from_secs(5),
             upstream_header: Duration::from_secs(60),
+            upstream_read: Duration::from_secs(60),
             grace: Duration::from_secs(10),
         }
     }

@@ -62,6 +62,7 @@ pub struct RawTimeouts {
     pub client_idle: Option<String>,
     pub upstream_connect: Option<String>,
     pub upstream_header: Option<String>,
+    pub upstream_read: Option<String>,
     pub grace: Option<String>,
 }
 

@@ -394,6 +394,11 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
             t.upstream_header.as_deref(),
             defaults.upstream_header,
         ),
+        upstream_read: c.duration(
+            "timeouts.upstream_read",
+            t.upstream_read.as_deref(),
+            defaults.upstream_read,
+        ),
         grace: c.duration("timeouts.grace", t.grace.as_deref(), defaults.grace),
     };
     let resolve_every = c.duration(
@@ -1244,6 +1249,21 @@ sites:
             parse("timeouts:\n  grace: 3\nsites:\n  - hosts: [\"*\"]\n    upstreams: [x:1]\n")
                 .expect("valid");
         assert_eq!(cfg.timeouts.grace, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn upstream_read_defaults_to_a_minute_and_refuses_zero() {
+        let site = "sites:\n  - hosts: [\"*\"]\n    upstreams: [x:1]\n";
+        let cfg = parse(site).expect("valid");
+        assert_eq!(cfg.timeouts.upstream_read, Duration::from_secs(60));
+        let cfg = parse(&format!("timeouts:\n  upstream_read: 2m\n{site}")).expect("valid");
+        assert_eq!(cfg.timeouts.upstream_read, Duration::from_secs(120));
+        let got = issues(&format!("timeouts:\n  upstream_read: 0s\n{site}"));
+        assert_eq!(
+            got,
+            vec!["2:18 timeouts.upstream_read: expected a duration above zero"],
+            "{got:#?}"
+        );
     }
 
     const HTTPS: &str = "listen:\n  https: 127.0.0.1:443\nstorage: /srv/gw\n";

@@ -14,7 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio::time::Sleep;
 
 /// What the access log says about one request; written when the response body ends.
 pub struct AccessRecord {
@@ -178,10 +179,47 @@ fn give_back(body: &mut H1Body, replica: &Replica) {
 pub struct ProxyBody {
     inner: Inner,
     log: Option<Box<AccessRecord>>,
+    /// `timeouts.upstream_read` for a replica's body; None for gangway's own bodies.
+    stall: Option<Stall>,
     /// Counts this response in its replica's in-flight requests until it is done.
     _in_flight: Option<InFlight>,
     /// Tells the client connection a response is still being sent until it is done.
     _streaming: Option<crate::server::timed_io::Streaming>,
+}
+
+/// Ends a replica's body that sends nothing for `limit` (`timeouts.upstream_read`), like
+/// nginx's `proxy_read_timeout`: a replica stuck halfway through a body would otherwise
+/// hold the client's connection and its own until one side gives up.
+///
+/// The timer is only made when the body first has to wait, so a body that arrived with its
+/// head (most small answers) costs no timer work; each frame after that moves the deadline
+/// later, which tokio does without touching its timer wheel.
+struct Stall {
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Stall {
+    fn new(limit: Duration) -> Stall {
+        Stall { limit, timer: None }
+    }
+
+    /// After the body returned Pending: whether `limit` has passed since it last sent.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    fn progressed(&mut self) {
+        if let Some(timer) = self.timer.as_mut() {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.limit);
+        }
+    }
 }
 
 /// One request in flight on a replica (for least_conn and random); ends when dropped.
@@ -209,10 +247,12 @@ impl ProxyBody {
         body: Incoming,
         log: Option<Box<AccessRecord>>,
         in_flight: Option<InFlight>,
+        read_limit: Duration,
     ) -> Self {
         ProxyBody {
             inner: Inner::Upstream(body),
             log,
+            stall: Some(Stall::new(read_limit)),
             _in_flight: in_flight,
             _streaming: None,
         }
@@ -223,10 +263,12 @@ impl ProxyBody {
         replica: Arc<Replica>,
         log: Option<Box<AccessRecord>>,
         in_flight: InFlight,
+        read_limit: Duration,
     ) -> Self {
         ProxyBody {
             inner: Inner::H1 { body, replica },
             log,
+            stall: Some(Stall::new(read_limit)),
             _in_flight: Some(in_flight),
             _streaming: None,
         }
@@ -245,6 +287,7 @@ impl ProxyBody {
         ProxyBody {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             log,
+            stall: None,
             _in_flight: None,
             _streaming: None,
         }
@@ -264,22 +307,49 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match &mut this.inner {
-            Inner::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        let polled = match &mut this.inner {
+            Inner::Full(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Inner::H1 { body, replica } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
-                count(&polled, &mut this.log);
                 if let Poll::Ready(None) = polled {
                     give_back(body, replica);
                 }
                 polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
             }
-            Inner::Upstream(body) => {
-                let polled = Pin::new(body).poll_frame(cx);
-                count(&polled, &mut this.log);
-                polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
+            Inner::Upstream(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+        };
+        count(&polled, &mut this.log);
+        let Some(stall) = this.stall.as_mut() else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Some(Ok(_))) => stall.progressed(),
+            Poll::Pending if stall.expired(cx) => {
+                // The replica's connection is dropped with this body, never pooled: the
+                // body was not read to its end.
+                this.stall = None;
+                let replica = match (&this.inner, &this.log) {
+                    (Inner::H1 { replica, .. }, _) => Some(replica.addr),
+                    (_, Some(log)) => log.replica,
+                    _ => None,
+                };
+                tracing::warn!(
+                    replica = %ReplicaField(replica),
+                    "a response body stalled longer than timeouts.upstream_read; cut"
+                );
+                if let Some(log) = this.log.as_mut() {
+                    log.error = Some("upstream read timeout");
+                }
+                return Poll::Ready(Some(Err(BoxError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the replica sent nothing within timeouts.upstream_read",
+                )))));
             }
+            _ => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -24,7 +24,7 @@ use router::Router;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What the server knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -485,7 +485,8 @@ impl Proxy {
             match attempt {
                 Attempt::Sent(resp) => {
                     self.record_response(replica, resp.status(), p.start, log, passive);
-                    let resp = respond_h2c(resp, log.take(), in_flight);
+                    let resp =
+                        respond_h2c(resp, log.take(), in_flight, self.timeouts.upstream_read);
                     return self.decorate(resp, backend, sticky, replica, conn);
                 }
                 Attempt::SentOwn(resp) => {
@@ -704,7 +705,13 @@ impl Proxy {
         headers::remove_hop_by_hop(&mut parts.headers, false);
         Response::from_parts(
             parts,
-            ProxyBody::h1(body, Arc::clone(replica), log, in_flight),
+            ProxyBody::h1(
+                body,
+                Arc::clone(replica),
+                log,
+                in_flight,
+                self.timeouts.upstream_read,
+            ),
         )
     }
 }
@@ -714,10 +721,14 @@ fn respond_h2c(
     resp: Response<Incoming>,
     mut log: Option<Box<AccessRecord>>,
     in_flight: InFlight,
+    read_limit: Duration,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = logged_parts(resp, &mut log);
     headers::remove_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(parts, ProxyBody::upstream(body, log, Some(in_flight)))
+    Response::from_parts(
+        parts,
+        ProxyBody::upstream(body, log, Some(in_flight), read_limit),
+    )
 }
 
 /// A replica's response taken apart, its status noted for the access log.

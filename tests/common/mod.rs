@@ -136,7 +136,8 @@ impl Upstream {
 }
 
 /// An upstream that speaks only HTTP/2 with prior knowledge (h2c) and answers every request
-/// with `VERSION AUTHORITY PATH` (`HTTP/2.0 app.test /x`).
+/// with `VERSION AUTHORITY PATH` (`HTTP/2.0 app.test /x`), except `/stall`: `abc`, then
+/// the stream stays open without another byte.
 pub struct H2cUpstream {
     pub addr: SocketAddr,
     /// Connections accepted.
@@ -156,13 +157,23 @@ impl H2cUpstream {
                 counted.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let svc = service_fn(|req: Request<Incoming>| async move {
+                        if req.uri().path() == "/stall" {
+                            // "abc", then the stream stays open and sends nothing more.
+                            let first = futures_util::stream::iter([Ok::<_, Infallible>(
+                                Frame::data(Bytes::from_static(b"abc")),
+                            )]);
+                            let body = first.chain(futures_util::stream::pending());
+                            return Ok(Response::new(BodyExt::boxed(StreamBody::new(body))));
+                        }
                         let body = format!(
                             "{:?} {} {}",
                             req.version(),
                             req.uri().authority().map(|a| a.as_str()).unwrap_or("-"),
                             req.uri().path()
                         );
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                        Ok::<_, Infallible>(Response::new(BodyExt::boxed(Full::new(Bytes::from(
+                            body,
+                        )))))
                     });
                     let _ = hyper::server::conn::http2::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
