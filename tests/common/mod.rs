@@ -509,6 +509,18 @@ where
     }
 }
 
+/// A raw `GET path` for `app.test`, read until gangway closes the connection (10 s at most):
+/// the bytes as text, and how long it took.
+pub async fn get_until_closed(addr: SocketAddr, path: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: app.test\r\n\r\n");
+    let raw = raw_exchange(addr, req.as_bytes(), Duration::from_secs(10)).await;
+    (
+        String::from_utf8_lossy(&raw).into_owned(),
+        started.elapsed(),
+    )
+}
+
 /// Sends raw bytes and reads until the peer closes or `limit` passes.
 pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
