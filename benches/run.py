@@ -2765,6 +2765,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     f"least {SOAK_MIN:.0f}, at most {SOAK_MAX:.0f}; issue 8 asks for 600), its "
                     f"RSS sampled every {SOAK_INTERVAL:.0f} s; writes soak.md, soak.json, "
                     "soak.png. Exit 0 PASS, 1 FAIL, 2 could not run")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 1 when any run failed, or a proxy or scenario was skipped "
+                    "(CI's smoke run of the harness)")
     ap.add_argument("--loadgen", action="store_true",
                     help="also compare the load generators: wrk against `gangway load`, in "
                     "scenario 1's setup, through gangway and straight at a backend")
@@ -2931,7 +2934,18 @@ def main(argv: list[str]) -> int:
             drop_tmp(args, tmp)
     if meta.get("fatal"):
         return 1
-    return 130 if interrupted else 0
+    if interrupted:
+        return 130
+    if args.strict:
+        failed = [r for r in runs + lg_runs if not r.get("ok", True)]
+        for r in failed:
+            log(f"FAILED: w{r.get('workers')} scenario {r.get('scenario')} {r.get('proxy')}: "
+                f"{r.get('error')}")
+        for what in skipped:
+            log(f"SKIPPED: {what}")
+        if failed or skipped or not runs:
+            return 1
+    return 0
 
 
 if __name__ == "__main__":
