@@ -538,6 +538,53 @@ async fn an_h2c_body_that_stalls_longer_than_upstream_read_is_cut() {
     assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
+#[tokio::test]
+async fn a_stalled_body_ends_only_its_own_http2_stream() {
+    // An HTTP/2 client (prior knowledge) with two streams on one connection: the stalled
+    // one is reset after upstream_read, the other and later ones are answered on the same
+    // connection.
+    let up = H2cUpstream::start().await;
+    let yaml = format!(
+        "timeouts:\n  upstream_read: 400ms\nsites:\n  - hosts: [\"*\"]\n    upstream_protocol: h2c\n    upstreams: [{}]\n",
+        up.addr
+    );
+    let gw = Gangway::start(&yaml).await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        let mut send = send.clone();
+        let req = http::Request::get(format!("http://app.test{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        async move { send.send_request(req).await.unwrap() }
+    };
+    let stalled = get("/stall").await;
+    assert_eq!(stalled.status(), 200);
+    let started = std::time::Instant::now();
+    let other = get("/other").await.into_body().collect().await.unwrap();
+    assert_eq!(other.to_bytes(), "HTTP/2.0 app.test /other");
+    let mut body = stalled.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "abc");
+    let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the stalled stream ended");
+    assert!(
+        matches!(end, Some(Err(_))),
+        "a reset, not a clean end: {end:?}"
+    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(350), "cut after {took:?}");
+    let after = get("/after").await.into_body().collect().await.unwrap();
+    assert_eq!(after.to_bytes(), "HTTP/2.0 app.test /after");
+}
+
 /// gangway's cipher preference (AES-128-GCM, cheaper per byte) wins over a client that
 /// lists AES-256-GCM first, as OpenSSL-based clients (curl, wrk, Python) and rustls do.
 #[tokio::test]
