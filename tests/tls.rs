@@ -518,14 +518,19 @@ async fn h2c_upstreams_get_http2() {
     );
 }
 
+/// gangway in front of an h2c upstream, with `timeouts.upstream_read: 400ms`.
+async fn in_front_with_upstream_read_400ms(up: &H2cUpstream) -> Gangway {
+    Gangway::start(&format!(
+        "timeouts:\n  upstream_read: 400ms\nsites:\n  - hosts: [\"*\"]\n    upstream_protocol: h2c\n    upstreams: [{}]\n",
+        up.addr
+    ))
+    .await
+}
+
 #[tokio::test]
 async fn an_h2c_body_that_stalls_longer_than_upstream_read_is_cut() {
     let up = H2cUpstream::start().await;
-    let yaml = format!(
-        "timeouts:\n  upstream_read: 400ms\nsites:\n  - hosts: [\"*\"]\n    upstream_protocol: h2c\n    upstreams: [{}]\n",
-        up.addr
-    );
-    let gw = Gangway::start(&yaml).await;
+    let gw = in_front_with_upstream_read_400ms(&up).await;
     let (text, took) = get_until_closed(gw.addr, "/stall").await;
     // Chunked (h2 gives no length), cut after "abc" without the last chunk.
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
@@ -544,11 +549,7 @@ async fn a_stalled_body_ends_only_its_own_http2_stream() {
     // one is reset after upstream_read, the other and later ones are answered on the same
     // connection.
     let up = H2cUpstream::start().await;
-    let yaml = format!(
-        "timeouts:\n  upstream_read: 400ms\nsites:\n  - hosts: [\"*\"]\n    upstream_protocol: h2c\n    upstreams: [{}]\n",
-        up.addr
-    );
-    let gw = Gangway::start(&yaml).await;
+    let gw = in_front_with_upstream_read_400ms(&up).await;
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let (send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
