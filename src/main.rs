@@ -656,7 +656,16 @@ async fn check(path: PathBuf) -> ExitCode {
             } else {
                 ""
             };
-            let _ = writeln!(out, "  route {}{strip}{h2c}", route.path);
+            // A route's own upstream timeouts, where they differ from the top-level ones.
+            let mut own = String::new();
+            let policy = &route.policy;
+            if policy.upstream_header != config.timeouts.upstream_header {
+                let _ = write!(own, " (upstream_header {:?})", policy.upstream_header);
+            }
+            if policy.upstream_read != config.timeouts.upstream_read {
+                let _ = write!(own, " (upstream_read {:?})", policy.upstream_read);
+            }
+            let _ = writeln!(out, "  route {}{strip}{h2c}{own}", route.path);
             for up in &route.upstreams {
                 let lookup = tokio::time::timeout(
                     Duration::from_secs(3),

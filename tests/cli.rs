@@ -271,7 +271,7 @@ site app.example.com, *.app.example.com
     127.0.0.1:8001 -> 127.0.0.1:8001
     127.0.0.1:8002 -> 127.0.0.1:8002
 site api.example.com
-  route /v1/ (strip prefix)
+  route /v1/ (strip prefix) (upstream_read 3600s)
     [::1]:8004 -> [::1]:8004
   route /
     127.0.0.1:8003 -> 127.0.0.1:8003

@@ -269,6 +269,24 @@ async fn slow_upstream_header_is_a_504() {
 }
 
 #[tokio::test]
+async fn a_route_with_its_own_upstream_header_answers_504_sooner() {
+    let up = Upstream::start("slow").await;
+    let gw = Gangway::start(&format!(
+        "sites:\n  - hosts: [\"*\"]\n    routes:\n      - path: /api/\n        strip_prefix: true\n        \
+         upstreams: [{a}]\n        timeouts: {{upstream_header: 300ms}}\n      - path: /\n        upstreams: [{a}]\n",
+        a = up.addr
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let got = get(gw.addr, "x.test", "/api/slow?ms=3000").await;
+    assert_eq!(got.status, 504);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    // The other route keeps the top-level 60 s.
+    let got = get(gw.addr, "x.test", "/slow?ms=600").await;
+    assert_eq!((got.status.as_u16(), got.text().as_str()), (200, "slow"));
+}
+
+#[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
     let up = Upstream::start("a").await;
     let gw = Gangway::start(&catch_all(&[&up], "")).await;

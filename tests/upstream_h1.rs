@@ -372,6 +372,33 @@ async fn a_body_that_stalls_longer_than_upstream_read_is_cut_and_its_connection_
 }
 
 #[tokio::test]
+async fn a_route_with_its_own_upstream_read_waits_longer() {
+    // The same stalling replica behind two routes: `/events` allows 5 s of silence, every
+    // other path the top-level 300 ms.
+    let up = Scripted::start(|_| keep(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")).await;
+    let gw = Gangway::start(&format!(
+        "timeouts:\n  upstream_read: 300ms\nsites:\n  - hosts: [\"*\"]\n    routes:\n      \
+         - path: /events\n        upstreams: [{a}]\n        timeouts: {{upstream_read: 5s}}\n      \
+         - path: /\n        upstreams: [{a}]\n",
+        a = up.addr
+    ))
+    .await;
+    let (text, took) = get_until_closed(gw.addr, "/").await;
+    assert!(text.ends_with("\r\n\r\nabc"), "{text:?}");
+    assert!(took < Duration::from_secs(3), "/ cut after {took:?}");
+    // /events is still open after 1.5 s (raw_exchange gives up then, not gangway).
+    let started = std::time::Instant::now();
+    let raw = raw_exchange(
+        gw.addr,
+        b"GET /events HTTP/1.1\r\nhost: app.test\r\n\r\n",
+        Duration::from_millis(1500),
+    )
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(1450));
+    assert!(String::from_utf8_lossy(&raw).ends_with("\r\n\r\nabc"));
+}
+
+#[tokio::test]
 async fn a_slow_body_that_keeps_sending_within_upstream_read_is_relayed_whole() {
     // Ten pieces 150 ms apart: 1.5 s in all, three times the limit, but never a pause of
     // 400 ms.

@@ -241,6 +241,10 @@ pub struct Policy {
     pub passive: Option<Passive>,
     pub retries: Retries,
     pub resolve_every: Duration,
+    /// `timeouts.upstream_header` of this route (the top-level one unless it sets its own).
+    pub upstream_header: Duration,
+    /// `timeouts.upstream_read` of this route (the top-level one unless it sets its own).
+    pub upstream_read: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

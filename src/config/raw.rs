@@ -81,6 +81,14 @@ pub struct RawSite {
     pub passive: Option<RawPassive>,
     pub retries: Option<RawRetries>,
     pub resolve_every: Option<String>,
+    pub timeouts: Option<RawRouteTimeouts>,
+}
+
+/// A route's own upstream timeouts (the top-level `timeouts` are their defaults).
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRouteTimeouts {
+    pub upstream_header: Option<String>,
+    pub upstream_read: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,4 +169,5 @@ pub struct RawRoute {
     pub passive: Option<RawPassive>,
     pub retries: Option<RawRetries>,
     pub resolve_every: Option<String>,
+    pub timeouts: Option<RawRouteTimeouts>,
 }

@@ -11,6 +11,8 @@ struct Checker<'a> {
     issues: Vec<Issue>,
     /// The top-level `resolve_every`, the default of each route's.
     resolve_every: Duration,
+    /// The top-level timeouts, the defaults of each route's upstream timeouts.
+    timeouts: Timeouts,
 }
 
 impl Checker<'_> {
@@ -179,6 +181,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Issue>> {
         loc: &loc,
         issues: Vec::new(),
         resolve_every: Duration::from_secs(5),
+        timeouts: Timeouts::default(),
     };
     let mut source: Option<String> = None;
     let mut blanked: Vec<String> = Vec::new();
@@ -407,6 +410,7 @@ fn check(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         Duration::from_secs(5),
     );
     c.resolve_every = resolve_every;
+    c.timeouts = timeouts;
     let access_log = match raw.access_log.as_deref() {
         None | Some("text") => AccessLog::Text,
         Some("common") => AccessLog::Common,
@@ -522,6 +526,7 @@ fn check_site(
         ("passive", site.passive.is_some()),
         ("retries", site.retries.is_some()),
         ("resolve_every", site.resolve_every.is_some()),
+        ("timeouts", site.timeouts.is_some()),
     ];
     match (site.upstreams, site.routes) {
         (Some(_), Some(_)) => c.bad(
@@ -541,6 +546,7 @@ fn check_site(
                 passive: site.passive,
                 retries: site.retries,
                 resolve_every: site.resolve_every,
+                timeouts: site.timeouts,
             };
             routes.push(check_route(c, &base, &format!("{base}.upstreams"), raw));
         }
@@ -1056,6 +1062,17 @@ fn check_policy(
         raw.resolve_every.as_deref(),
         c.resolve_every,
     );
+    let route_timeouts = raw.timeouts.as_ref();
+    let upstream_header = c.duration(
+        &format!("{base}.timeouts.upstream_header"),
+        route_timeouts.and_then(|t| t.upstream_header.as_deref()),
+        c.timeouts.upstream_header,
+    );
+    let upstream_read = c.duration(
+        &format!("{base}.timeouts.upstream_read"),
+        route_timeouts.and_then(|t| t.upstream_read.as_deref()),
+        c.timeouts.upstream_read,
+    );
     Policy {
         balance,
         weights,
@@ -1063,6 +1080,8 @@ fn check_policy(
         passive,
         retries,
         resolve_every,
+        upstream_header,
+        upstream_read,
     }
 }
 
@@ -1262,6 +1281,40 @@ sites:
         assert_eq!(
             got,
             vec!["2:18 timeouts.upstream_read: expected a duration above zero"],
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn a_route_sets_its_own_upstream_timeouts_and_inherits_the_rest() {
+        let yaml = "timeouts:\n  upstream_read: 30s\nsites:\n  - hosts: [a.test]\n    routes:\n      \
+                    - path: /events\n        upstreams: [x:1]\n        timeouts: {upstream_read: 1h}\n      \
+                    - path: /\n        upstreams: [x:1]\n  - hosts: [b.test]\n    upstreams: [x:1]\n    \
+                    timeouts: {upstream_header: 5s}\n";
+        let cfg = parse(yaml).expect("valid");
+        let p = |site: usize, route: usize| {
+            let policy = &cfg.sites[site].routes[route].policy;
+            (policy.upstream_header, policy.upstream_read)
+        };
+        let s = Duration::from_secs;
+        assert_eq!(p(0, 0), (s(60), s(3600)));
+        assert_eq!(p(0, 1), (s(60), s(30)));
+        assert_eq!(p(1, 0), (s(5), s(30)));
+    }
+
+    #[test]
+    fn route_timeouts_are_checked_like_the_others() {
+        let got = issues(
+            "sites:\n  - hosts: [a.test]\n    timeouts: {upstream_read: 5s}\n    routes:\n      \
+             - path: /\n        upstreams: [x:1]\n        timeouts: {upstream_read: 0s, client_idle: 5s}\n",
+        );
+        assert_eq!(
+            got,
+            vec![
+                "3:15 sites[0].timeouts: with `routes`, set timeouts on each route",
+                "7:35 sites[0].routes[0].timeouts.upstream_read: expected a duration above zero",
+                "7:39 sites[0].routes[0].timeouts.client_idle: unknown key",
+            ],
             "{got:#?}"
         );
     }

@@ -471,12 +471,16 @@ impl Proxy {
                         upgrade: p.upgrade,
                         resend: p.retry_after_send,
                         start: p.start,
+                        header_limit: backend.policy.upstream_header,
                     };
                     self.attempt_own(replica, to_send).await
                 }
                 // Boxed: h2c is the rare case, and its state would enlarge every request.
                 Msg::H2c(h2c) => match h2c.0.take() {
-                    Some(r) => Box::pin(self.attempt_h2(replica, r)).await,
+                    Some(r) => {
+                        let limit = backend.policy.upstream_header;
+                        Box::pin(self.attempt_h2(replica, r, limit)).await
+                    }
                     None => break,
                 },
             };
@@ -485,14 +489,16 @@ impl Proxy {
             match attempt {
                 Attempt::Sent(resp) => {
                     self.record_response(replica, resp.status(), p.start, log, passive);
-                    let resp =
-                        respond_h2c(resp, log.take(), in_flight, self.timeouts.upstream_read);
+                    let read_limit = backend.policy.upstream_read;
+                    let resp = respond_h2c(resp, log.take(), in_flight, read_limit);
                     return self.decorate(resp, backend, sticky, replica, conn);
                 }
                 Attempt::SentOwn(resp) => {
                     self.record_response(replica, resp.status(), p.start, log, passive);
                     let upgrade = p.client_upgrade.take();
-                    let resp = self.respond(resp, replica, upgrade, log.take(), in_flight);
+                    let read_limit = backend.policy.upstream_read;
+                    let resp =
+                        self.respond(resp, replica, upgrade, log.take(), in_flight, read_limit);
                     return self.decorate(resp, backend, sticky, replica, conn);
                 }
                 Attempt::NotConnected(back, e) => {
@@ -572,7 +578,7 @@ impl Proxy {
 
     async fn send_own(&self, conn: Conn, out: &mut Outgoing<'_>) -> Result<Attempt, SendError> {
         let send = conn.send(out.parts, out.body.as_deref_mut());
-        match tokio::time::timeout(self.timeouts.upstream_header, send).await {
+        match tokio::time::timeout(out.header_limit, send).await {
             Err(_) => Ok(Attempt::Failed(Failure::Timeout, String::new())),
             Ok(Ok(resp)) => Ok(Attempt::SentOwn(resp)),
             Ok(Err(e)) => Err(e),
@@ -623,7 +629,12 @@ impl Proxy {
     }
 
     /// Sends `req` to one replica over its shared h2c connection, opening it if needed.
-    async fn attempt_h2(&self, replica: &Arc<Replica>, req: Request<ReqBody>) -> Attempt {
+    async fn attempt_h2(
+        &self,
+        replica: &Arc<Replica>,
+        req: Request<ReqBody>,
+        header_limit: Duration,
+    ) -> Attempt {
         let connect = || pool::connect_h2(replica.addr, self.timeouts.upstream_connect);
         let mut sender = match replica.h2.get() {
             Some(s) => s,
@@ -645,8 +656,7 @@ impl Proxy {
                 Err(e) => return Attempt::NotConnected(Some(req), e),
             };
         }
-        let sent =
-            tokio::time::timeout(self.timeouts.upstream_header, sender.try_send_request(req));
+        let sent = tokio::time::timeout(header_limit, sender.try_send_request(req));
         match sent.await {
             Err(_) => Attempt::Failed(Failure::Timeout, String::new()),
             Ok(Ok(resp)) => Attempt::Sent(resp),
@@ -669,6 +679,7 @@ impl Proxy {
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         mut log: Option<Box<AccessRecord>>,
         in_flight: InFlight,
+        read_limit: Duration,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = logged_parts(resp, &mut log);
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -705,13 +716,7 @@ impl Proxy {
         headers::remove_hop_by_hop(&mut parts.headers, false);
         Response::from_parts(
             parts,
-            ProxyBody::h1(
-                body,
-                Arc::clone(replica),
-                log,
-                in_flight,
-                self.timeouts.upstream_read,
-            ),
+            ProxyBody::h1(body, Arc::clone(replica), log, in_flight, read_limit),
         )
     }
 }
@@ -808,6 +813,8 @@ struct Outgoing<'a> {
     resend: bool,
     /// When the request came in.
     start: Instant,
+    /// The route's `upstream_header` timeout.
+    header_limit: Duration,
 }
 
 /// Tries per request at most (connect failures included): more replicas than this are

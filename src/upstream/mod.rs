@@ -473,6 +473,8 @@ mod tests {
             passive: None,
             retries: Default::default(),
             resolve_every: Duration::from_secs(5),
+            upstream_header: Duration::from_secs(60),
+            upstream_read: Duration::from_secs(60),
         }
     }
 
