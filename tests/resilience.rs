@@ -427,6 +427,25 @@ async fn reload_by_file_adds_a_replica_and_rejects_a_bad_edit_without_dropping_a
     );
 }
 
+#[tokio::test]
+async fn a_reload_applies_a_routes_new_upstream_timeout() {
+    let a = Upstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gangway.yaml");
+    write_config(&path, &yaml_for(&[&a], ""));
+    let gw = watching(&path).await;
+    assert_eq!(get(gw.addr, "app.test", "/slow?ms=800").await.status, 200);
+    write_config(
+        &path,
+        &yaml_for(&[&a], "    timeouts: {upstream_header: 300ms}\n"),
+    );
+    let applied = eventually(Duration::from_secs(5), || async {
+        get(gw.addr, "app.test", "/slow?ms=800").await.status == 504
+    })
+    .await;
+    assert!(applied, "the route's new upstream_header never took effect");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_on_trigger_keeps_health_state_and_websockets() {
     let a = Upstream::start("a").await;
