@@ -964,6 +964,25 @@ async fn the_json_access_log_has_one_parseable_line_per_request() {
     assert!(v["duration_ms"].as_f64().is_some() && v["upstream_ms"].as_f64().is_some());
 }
 
+/// A response cut by `timeouts.upstream_read` is logged with what was sent and why, and a
+/// warning names the replica.
+#[tokio::test]
+async fn a_stalled_response_is_logged_as_an_upstream_read_timeout() {
+    let up = Upstream::start("stall").await;
+    let extra = "access_log: json\ntimeouts:\n  upstream_read: 300ms";
+    let (proc, addr, _dir) = start_logging_proxy(&up, extra).await;
+    let (text, _) = common::get_until_closed(addr, "/stall").await;
+    assert!(text.ends_with("\r\n3\r\nabc\r\n"), "{text:?}");
+    let line = wait_for_line(&proc, "\"/stall\"").await;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["bytes"], 3);
+    assert_eq!(v["error"], "upstream read timeout");
+    let warning = wait_for_line(&proc, "timeouts.upstream_read").await;
+    assert!(warning.contains(&up.addr.to_string()), "{warning}");
+}
+
 #[tokio::test]
 async fn the_combined_access_log_is_the_classic_format() {
     let up = Upstream::start("combined").await;

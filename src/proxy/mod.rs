@@ -485,18 +485,17 @@ impl Proxy {
                 },
             };
             let passive = backend.policy.passive.as_ref();
+            let read_limit = backend.policy.upstream_read;
             let log = &mut p.log;
             match attempt {
                 Attempt::Sent(resp) => {
                     self.record_response(replica, resp.status(), p.start, log, passive);
-                    let read_limit = backend.policy.upstream_read;
                     let resp = respond_h2c(resp, log.take(), in_flight, read_limit);
                     return self.decorate(resp, backend, sticky, replica, conn);
                 }
                 Attempt::SentOwn(resp) => {
                     self.record_response(replica, resp.status(), p.start, log, passive);
                     let upgrade = p.client_upgrade.take();
-                    let read_limit = backend.policy.upstream_read;
                     let resp =
                         self.respond(resp, replica, upgrade, log.take(), in_flight, read_limit);
                     return self.decorate(resp, backend, sticky, replica, conn);

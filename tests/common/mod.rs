@@ -37,6 +37,7 @@ pub struct Seen {
 /// - `/upload`: reads the body as it streams and answers with the byte count.
 /// - `/big?bytes=N`: streams N bytes in 64 KiB chunks.
 /// - `/hop`: answers with hop-by-hop headers the proxy must remove.
+/// - `/stall`: `abc` (chunked), then the response stays open without another byte.
 /// - `/ws`: WebSocket echo.
 /// - anything else: the upstream's name as body, with `x-replica: NAME`.
 pub struct Upstream {
@@ -158,12 +159,7 @@ impl H2cUpstream {
                 tokio::spawn(async move {
                     let svc = service_fn(|req: Request<Incoming>| async move {
                         if req.uri().path() == "/stall" {
-                            // "abc", then the stream stays open and sends nothing more.
-                            let first = futures_util::stream::iter([Ok::<_, Infallible>(
-                                Frame::data(Bytes::from_static(b"abc")),
-                            )]);
-                            let body = first.chain(futures_util::stream::pending());
-                            return Ok(Response::new(BodyExt::boxed(StreamBody::new(body))));
+                            return Ok(Response::new(abc_then_nothing()));
                         }
                         let body = format!(
                             "{:?} {} {}",
@@ -278,6 +274,7 @@ async fn handle(
     }
     let resp = match route.as_str() {
         "/upload" => Response::new(full(body_len.to_string())),
+        "/stall" => Response::new(abc_then_nothing()),
         "/big" => {
             let chunks = futures_util::stream::unfold(big, |left| async move {
                 if left == 0 {
@@ -305,6 +302,14 @@ async fn handle(
             .unwrap(),
     };
     Ok(resp)
+}
+
+/// A body of `abc` that then stays open without another byte (a stalled replica).
+fn abc_then_nothing<E: Send + Sync + 'static>() -> BoxBody<Bytes, E> {
+    let first = futures_util::stream::iter([Ok(Frame::data(Bytes::from_static(b"abc")))]);
+    BodyExt::boxed(StreamBody::new(
+        first.chain(futures_util::stream::pending()),
+    ))
 }
 
 fn query_num_from(path: &str, key: &str) -> u64 {
@@ -512,9 +517,15 @@ where
 /// A raw `GET path` for `app.test`, read until gangway closes the connection (10 s at most):
 /// the bytes as text, and how long it took.
 pub async fn get_until_closed(addr: SocketAddr, path: &str) -> (String, Duration) {
+    get_raw_for(addr, path, Duration::from_secs(10)).await
+}
+
+/// A raw `GET path` for `app.test`, read until gangway closes the connection or `limit`
+/// passes: the bytes as text, and how long it took.
+pub async fn get_raw_for(addr: SocketAddr, path: &str, limit: Duration) -> (String, Duration) {
     let started = Instant::now();
     let req = format!("GET {path} HTTP/1.1\r\nhost: app.test\r\n\r\n");
-    let raw = raw_exchange(addr, req.as_bytes(), Duration::from_secs(10)).await;
+    let raw = raw_exchange(addr, req.as_bytes(), limit).await;
     (
         String::from_utf8_lossy(&raw).into_owned(),
         started.elapsed(),
