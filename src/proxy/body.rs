@@ -330,11 +330,8 @@ impl Body for ProxyBody {
                 // The replica's connection is dropped with this body, never pooled: the
                 // body was not read to its end.
                 this.stall = None;
-                let replica = match (&this.inner, &this.log) {
-                    (Inner::H1 { replica, .. }, _) => Some(replica.addr),
-                    (_, Some(log)) => log.replica,
-                    _ => None,
-                };
+                // Every replica's body counts its request in flight on that replica.
+                let replica = this._in_flight.as_ref().map(|f| f.0.addr);
                 tracing::warn!(
                     replica = %ReplicaField(replica),
                     "a response body stalled longer than timeouts.upstream_read; cut"
