@@ -1057,8 +1057,11 @@ def given_gangway_bin(args: argparse.Namespace) -> Path | None:
     return None
 
 
-def start_proxy(env: Env, name: str, scen: Scenario, workers: int, run_dir: Path
-                ) -> tuple[subprocess.Popen, RunCfg]:
+def start_proxy(env: Env, name: str, scen: Scenario, workers: int, run_dir: Path,
+                wrap: list[str] | None = None) -> tuple[subprocess.Popen, RunCfg]:
+    """Starts one proxy in front of the backends. `wrap` runs it under another program
+    (benches/instructions.py: valgrind); nginx then runs without its master process, so the
+    process started is the one that serves."""
     port, spare = free_ports(2)
     c = RunCfg(env.tmp, scen, workers, port, spare, backend_of(env, scen).ports, env.cert, env.key,
                env.combined, env.args.idle_conns)
@@ -1073,7 +1076,7 @@ def start_proxy(env: Env, name: str, scen: Scenario, workers: int, run_dir: Path
     elif name == "nginx":
         (env.tmp / "nginx").mkdir(exist_ok=True)
         cfg = run_dir / "nginx.conf"
-        cfg.write_text(nginx_conf(c))
+        cfg.write_text(("master_process off;\n" if wrap else "") + nginx_conf(c))
         argv = ["nginx", "-c", str(cfg), "-p", str(env.tmp / "nginx"), "-e",
                 str(env.tmp / "nginx" / "error.log")]
     elif name == "haproxy":
@@ -1090,9 +1093,9 @@ def start_proxy(env: Env, name: str, scen: Scenario, workers: int, run_dir: Path
         argv = ["caddy", "run", "--config", str(cfg), "--adapter", "caddyfile"]
     else:
         raise ValueError(name)
-    p = env.procs.start(argv, env.proxy_cpus, logf, env=base_env)
+    p = env.procs.start([*(wrap or []), *argv], env.proxy_cpus, logf, env=base_env)
     try:
-        wait_port(port, p)
+        wait_port(port, p, timeout=60.0 if wrap else 20.0)
     except RuntimeError as e:
         env.procs.stop(p)
         raise RuntimeError(f"{name} did not start: {e}\n{tail(logf)}") from None
