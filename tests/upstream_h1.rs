@@ -227,6 +227,40 @@ async fn connection_close_and_http_1_0_responses_are_not_reused() {
 }
 
 #[tokio::test]
+async fn hop_by_hop_response_headers_never_reach_the_client() {
+    // Two replicas: the usual `Connection: keep-alive`, and one whose `Connection` also
+    // names a header of its own. Neither the fixed hop-by-hop headers nor the named one
+    // reach the client, and both connections are kept.
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+           Proxy-Authenticate: Basic\r\nTrailer: x-sum\r\nX-App: 1\r\n\
+           Content-Length: 2\r\n\r\nok"[..],
+        b"HTTP/1.1 200 OK\r\nX-Secret: s\r\nConnection: keep-alive, X-Secret\r\n\
+          Keep-Alive: timeout=5\r\nX-App: 1\r\nContent-Length: 2\r\n\r\nok",
+    ] {
+        let up = Scripted::start(move |_| keep(answer)).await;
+        let gw = up.gangway().await;
+        let mut c = Client::connect(gw.addr).await;
+        for _ in 0..3 {
+            let got = c.get("app.test", "/").await;
+            assert_eq!(got.status, 200);
+            assert_eq!(got.text(), "ok");
+            assert_eq!(got.headers["x-app"], "1");
+            for gone in [
+                "connection",
+                "keep-alive",
+                "proxy-authenticate",
+                "trailer",
+                "x-secret",
+            ] {
+                assert!(got.headers.get(gone).is_none(), "{gone}: {:?}", got.headers);
+            }
+        }
+        assert_eq!(up.connections(), 1);
+    }
+}
+
+#[tokio::test]
 async fn head_204_and_304_responses_have_no_body_and_keep_the_connection() {
     let up = Scripted::start(|head| {
         if head.starts_with("HEAD ") {

@@ -40,6 +40,18 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
     ]
 }
 
+/// Whether a header describes one connection only (see [`fixed_hop_by_hop`]).
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    fixed_hop_by_hop().contains(&name)
+}
+
+/// Whether a `Connection` token names one of the fixed hop-by-hop headers.
+pub(crate) fn names_fixed_hop_by_hop(token: &[u8]) -> bool {
+    fixed_hop_by_hop()
+        .iter()
+        .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
+}
+
 /// Is this an HTTP/1.1 upgrade (WebSocket) request or response?
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)

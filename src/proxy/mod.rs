@@ -680,7 +680,7 @@ impl Proxy {
         in_flight: InFlight,
         read_limit: Duration,
     ) -> Response<ProxyBody> {
-        let (mut parts, body) = logged_parts(resp, &mut log);
+        let (parts, body) = logged_parts(resp, &mut log);
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             // A 101 nobody asked for cannot be relayed.
             let (Some(client_upgrade), Some((upstream, early))) =
@@ -712,7 +712,7 @@ impl Proxy {
             });
             return Response::from_parts(parts, ProxyBody::empty(log));
         }
-        headers::remove_hop_by_hop(&mut parts.headers, false);
+        // The own client's parse left the hop-by-hop headers out already (upstream/h1.rs).
         Response::from_parts(
             parts,
             ProxyBody::h1(body, Arc::clone(replica), log, in_flight, read_limit),

@@ -11,7 +11,7 @@
 //! answer is relayed and the connection, its request unfinished, is not reused. A `101`
 //! hands the socket and any bytes after the head to the caller for the tunnel.
 
-use crate::proxy::headers::connection_tokens;
+use crate::proxy::headers::{is_hop_by_hop, names_fixed_hop_by_hop, remove_hop_by_hop};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -394,46 +394,77 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
     };
     // Where each name and value sits in the head, so the values can share its bytes. On the
     // stack up to 16 headers: a Vec here was one allocation per response.
+    //
+    // The framing and the keep-alive are read off the raw headers on the way, and the
+    // hop-by-hop headers (RFC 9110 §7.6.1) are left out of the map: looking each of them up
+    // in the map afterwards, and removing them from it, was a tenth of gangway's user-space
+    // instructions per request (benches/instructions.py). A `101` keeps them all, for the
+    // upgrade; so does a `Connection` that names other headers, which the general rule
+    // removes after.
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let base = buf.as_ptr() as usize;
-    let mut spans: SmallVec<[(HeaderName, usize, usize); 16]> = SmallVec::new();
+    let mut spans: SmallVec<[(HeaderName, usize, usize, bool); 16]> = SmallVec::new();
+    let mut connection = ConnectionTokens::default();
+    // Whether the last `Transfer-Encoding` ends with `chunked`; None without one.
+    let mut chunked: Option<bool> = None;
+    let mut length: Result<Option<u64>, SendError> = Ok(None);
+    let mut has_length = false;
     for h in resp.headers.iter() {
         let at = h.value.as_ptr() as usize - base;
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| broken(format!("invalid header name {:?}", h.name)))?;
-        spans.push((name, at, at + h.value.len()));
+        let hop = is_hop_by_hop(&name);
+        if name == header::CONTENT_LENGTH {
+            has_length = true;
+            if let Ok(found) = length {
+                length = add_content_length(found, h.value);
+            }
+        } else if name == header::CONNECTION {
+            connection.add(h.value);
+        } else if name == header::TRANSFER_ENCODING {
+            chunked = Some(last_coding_is_chunked(h.value));
+        }
+        spans.push((name, at, at + h.value.len(), hop));
     }
+    let keep_all = switching || connection.names_others;
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len().max(RESPONSE_MAP_MIN));
-    for (name, start, end) in spans {
+    for (name, start, end, hop) in spans {
+        if hop && !keep_all {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| broken(format!("invalid value for header {name}")))?;
         headers.append(name, value);
     }
+    if connection.names_others && !switching {
+        remove_hop_by_hop(&mut headers, false);
+    }
     let mut keep_alive = match version {
-        Version::HTTP_10 => has_token(&headers, "keep-alive"),
-        _ => !has_token(&headers, "close"),
+        Version::HTTP_10 => connection.keep_alive,
+        _ => !connection.close,
     };
-    let framing = if status == StatusCode::SWITCHING_PROTOCOLS
+    let framing = if switching
         || method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Length(0)
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+    } else if let Some(chunked) = chunked {
         // A length alongside a transfer coding is a smuggling attempt or a broken server.
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        if has_length {
             return Err(broken(
                 "response has both Transfer-Encoding and Content-Length",
             ));
         }
-        if last_coding_is_chunked(&headers) && version == Version::HTTP_11 {
+        if chunked && version == Version::HTTP_11 {
             Framing::Chunked(Chunk::Size)
         } else {
             keep_alive = false;
             Framing::Close
         }
     } else {
-        match content_length(&headers)? {
+        match length? {
             Some(n) => Framing::Length(n),
             None => {
                 keep_alive = false;
@@ -449,40 +480,59 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
     Ok(Parsed::Final((parts, framing, keep_alive)))
 }
 
-fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(connection_tokens)
-        .any(|t| t.eq_ignore_ascii_case(token))
+/// What a response's `Connection` headers say.
+#[derive(Default)]
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+    /// A token that names a header beyond the fixed hop-by-hop ones, to be removed too.
+    names_others: bool,
 }
 
-fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
-    let last = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.rsplit(',').next());
-    last.is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
-}
-
-/// The one length all `Content-Length` values agree on (a list of equal values is allowed).
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, SendError> {
-    let mut found = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        let s = v.to_str().map_err(|_| broken("invalid Content-Length"))?;
-        for part in s.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(broken("invalid Content-Length"));
-            }
-            let n: u64 = part.parse().map_err(|_| broken("invalid Content-Length"))?;
-            if found.is_some_and(|f| f != n) {
-                return Err(broken("conflicting Content-Length values"));
-            }
-            found = Some(n);
+impl ConnectionTokens {
+    fn add(&mut self, value: &[u8]) {
+        // As `HeaderValue::to_str`: a value that is not visible ASCII has no tokens.
+        if !value
+            .iter()
+            .all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
+        {
+            return;
         }
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !token.is_empty() && !names_fixed_hop_by_hop(token) {
+                self.names_others = true;
+            }
+        }
+    }
+}
+
+/// Whether the last coding of a `Transfer-Encoding` value is `chunked`.
+fn last_coding_is_chunked(value: &[u8]) -> bool {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.rsplit(',').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// Adds one `Content-Length` value to the length found so far: every value, and every
+/// element of a list, must be the same number.
+fn add_content_length(mut found: Option<u64>, value: &[u8]) -> Result<Option<u64>, SendError> {
+    for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return Err(broken("invalid Content-Length"));
+        }
+        let n = std::str::from_utf8(part)
+            .ok()
+            .and_then(|p| p.parse::<u64>().ok())
+            .ok_or_else(|| broken("invalid Content-Length"))?;
+        if found.is_some_and(|f| f != n) {
+            return Err(broken("conflicting Content-Length values"));
+        }
+        found = Some(n);
     }
     Ok(found)
 }
@@ -801,6 +851,59 @@ mod tests {
         assert_eq!(parts.headers["x-b"], "two");
         assert_eq!(framing, Framing::Length(3));
         assert_eq!(&buf[..], b"abcNEXT");
+    }
+
+    fn final_headers(bytes: &[u8]) -> (HeaderMap, Framing, bool) {
+        match head(bytes, Method::GET) {
+            Ok(Parsed::Final((parts, framing, keep_alive))) => (parts.headers, framing, keep_alive),
+            Ok(_) => panic!("no final head"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn names(map: &HeaderMap) -> Vec<&str> {
+        map.keys().map(HeaderName::as_str).collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_out_of_the_map() {
+        // What nginx and most apps send: keep-alive, and a chunked body.
+        let (map, framing, keep_alive) = final_headers(
+            b"HTTP/1.1 200 OK\r\nServer: app\r\nConnection: keep-alive\r\n\
+              Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\
+              X-App: 1\r\n\r\n",
+        );
+        assert_eq!(names(&map), ["server", "x-app"]);
+        assert_eq!((framing, keep_alive), (Framing::Chunked(Chunk::Size), true));
+
+        // `Connection` naming another header: that one goes too, wherever it stands.
+        let (map, framing, keep_alive) = final_headers(
+            b"HTTP/1.1 200 OK\r\nX-Secret: s\r\nConnection: close, X-Secret\r\n\
+              Proxy-Connection: x\r\nX-App: 1\r\nContent-Length: 3\r\n\r\n",
+        );
+        assert_eq!(names(&map), ["x-app", "content-length"]);
+        assert_eq!((framing, keep_alive), (Framing::Length(3), false));
+
+        // HTTP/1.0 keeps the connection only when asked to.
+        let (map, _, keep_alive) = final_headers(
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert!(keep_alive);
+        assert_eq!(names(&map), ["content-length"]);
+
+        // A 101 keeps everything: the upgrade is relayed as it came.
+        let (map, framing, _) = final_headers(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+              Connection: Upgrade\r\n\r\n",
+        );
+        assert_eq!(names(&map), ["upgrade", "connection"]);
+        assert_eq!(framing, Framing::Length(0));
+
+        // A value that is not visible ASCII names nothing (as `HeaderValue::to_str`).
+        let (map, _, keep_alive) =
+            final_headers(b"HTTP/1.1 200 OK\r\nConnection: close\xff\r\nContent-Length: 0\r\n\r\n");
+        assert!(keep_alive);
+        assert_eq!(names(&map), ["content-length"]);
     }
 
     #[test]
