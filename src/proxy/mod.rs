@@ -12,7 +12,7 @@ use crate::upstream::h1::{Conn, H1Body, SendError};
 use crate::upstream::pool::{self, ConnectError, ReqBody};
 use body::{AccessRecord, InFlight, ProxyBody};
 use bytes::Bytes;
-use headers::Forwarding;
+use headers::{Forwarding, X_REQUEST_ID};
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -352,27 +352,52 @@ impl Proxy {
         } else {
             Version::HTTP_11
         };
-        // Host, the forwarding headers and X-Request-Id below: one growth at most.
-        parts.headers.reserve(headers::ADDED_HEADERS);
-        if !parts.headers.contains_key(header::HOST) {
-            parts.headers.insert(header::HOST, host.clone());
-        }
-        let client = headers::set_forwarding(
-            &mut parts.headers,
-            &Forwarding {
-                conn: &conn.text,
-                proto: conn.proto,
-                host: &host,
-                prefix: route.strip.as_deref(),
-            },
-            &self.trusted,
-        );
-        let request_id = self.request_id(&mut parts.headers, conn.text.ip, log.is_some());
-        if let Some(l) = log.as_mut() {
-            l.client = client;
-            l.request_id = request_id;
-        }
-
+        // A request from a peer that is not a trusted proxy, to an HTTP/1.1 replica (nearly
+        // all of them): its forwarding headers are the connection's, made once, and are
+        // written after the map with the request id, never inserted into it. Otherwise they
+        // are set in the map, for hyper's h2c client or to extend a trusted proxy's chain.
+        let trusted_peer = self.trusted.contains(conn.text.ip);
+        let mut added = None;
+        let client = if !h2c && !trusted_peer {
+            headers::drop_claims(&mut parts.headers, true);
+            if !parts.headers.contains_key(header::HOST) {
+                parts.headers.insert(header::HOST, host.clone());
+            }
+            let a = headers::Added {
+                block: conn
+                    .text
+                    .forwarding_block(&host, conn.proto, route.strip.as_deref()),
+                request_id: fastrand::u128(..),
+            };
+            if let Some(l) = log.as_mut() {
+                l.client = conn.text.ip;
+                l.request_id = Some(headers::request_id_value(a.request_id));
+            }
+            added = Some(a);
+            conn.text.ip
+        } else {
+            // Host, the forwarding headers and X-Request-Id below: one growth at most.
+            parts.headers.reserve(headers::ADDED_HEADERS);
+            if !parts.headers.contains_key(header::HOST) {
+                parts.headers.insert(header::HOST, host.clone());
+            }
+            let client = headers::set_forwarding(
+                &mut parts.headers,
+                &Forwarding {
+                    conn: &conn.text,
+                    proto: conn.proto,
+                    host: &host,
+                    prefix: route.strip.as_deref(),
+                },
+                &self.trusted,
+            );
+            let request_id = self.request_id(&mut parts.headers, conn.text.ip, log.is_some());
+            if let Some(l) = log.as_mut() {
+                l.client = client;
+                l.request_id = request_id;
+            }
+            client
+        };
         let backend = &route.backend;
         let members = backend.members();
         if members.is_empty() {
@@ -404,7 +429,7 @@ impl Proxy {
             };
             Msg::H2c(Box::new((Some(Request::from_parts(parts, body)), copy)))
         } else {
-            Msg::Own(parts, (!bodiless).then_some(body))
+            Msg::Own(parts, added, (!bodiless).then_some(body))
         };
         Ok(Prepared {
             route,
@@ -437,7 +462,7 @@ impl Proxy {
         {
             return keep.then(|| v.clone());
         }
-        let value = random_request_id();
+        let value = headers::request_id_value(fastrand::u128(..));
         let kept = keep.then(|| value.clone());
         headers.insert(&X_REQUEST_ID, value);
         kept
@@ -464,9 +489,10 @@ impl Proxy {
             }
             let in_flight = InFlight::new(replica);
             let attempt = match &mut p.msg {
-                Msg::Own(parts, upload) => {
+                Msg::Own(parts, added, upload) => {
                     let to_send = Outgoing {
                         parts,
+                        added: added.as_ref(),
                         body: upload.as_mut(),
                         upgrade: p.upgrade,
                         resend: p.retry_after_send,
@@ -576,7 +602,7 @@ impl Proxy {
     }
 
     async fn send_own(&self, conn: Conn, out: &mut Outgoing<'_>) -> Result<Attempt, SendError> {
-        let send = conn.send(out.parts, out.body.as_deref_mut());
+        let send = conn.send(out.parts, out.added, out.body.as_deref_mut());
         match tokio::time::timeout(out.header_limit, send).await {
             Err(_) => Ok(Attempt::Failed(Failure::Timeout, String::new())),
             Ok(Ok(resp)) => Ok(Attempt::SentOwn(resp)),
@@ -794,9 +820,13 @@ impl Prepared<'_> {
 // The large variant is the common one; the rare h2c one is boxed so it adds nothing.
 #[allow(clippy::large_enum_variant)]
 enum Msg {
-    /// For gangway's own HTTP/1.1 client: the head, and the body still to stream (none
-    /// for a bodiless request).
-    Own(http::request::Parts, Option<Incoming>),
+    /// For gangway's own HTTP/1.1 client: the head, what is written after its headers
+    /// (see `Proxy::route`), and the body still to stream (none for a bodiless request).
+    Own(
+        http::request::Parts,
+        Option<headers::Added>,
+        Option<Incoming>,
+    ),
     /// For hyper's h2c client, which consumes the request: the request (none while it is
     /// out), and a copy for a resend.
     H2c(Box<(Option<Request<ReqBody>>, Option<RequestCopy>)>),
@@ -805,6 +835,8 @@ enum Msg {
 /// What gangway's own client sends: the request, borrowed, so it can be sent again.
 struct Outgoing<'a> {
     parts: &'a http::request::Parts,
+    /// Headers written after the map's.
+    added: Option<&'a headers::Added>,
     /// The client's body, streamed as it comes (none for a bodiless request).
     body: Option<&'a mut Incoming>,
     upgrade: bool,
@@ -848,20 +880,7 @@ impl RequestCopy {
     }
 }
 
-/// 128 random bits as 32 lowercase hex digits.
-fn random_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut bits = fastrand::u128(..);
-    let mut text = [0u8; 32];
-    for digit in text.iter_mut().rev() {
-        *digit = HEX[(bits & 0xf) as usize];
-        bits >>= 4;
-    }
-    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("-"))
-}
-
 const STICKY_COOKIE: &str = "gw_sticky";
-static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 static X_GANGWAY_REPLICA: http::HeaderName = http::HeaderName::from_static("x-gangway-replica");
 
 /// The replica id in a `gw_sticky` cookie, if any.

@@ -11,7 +11,7 @@
 //! answer is relayed and the connection, its request unfinished, is not reused. A `101`
 //! hands the socket and any bytes after the head to the caller for the tunnel.
 
-use crate::proxy::headers::{is_hop_by_hop, names_fixed_hop_by_hop, remove_hop_by_hop};
+use crate::proxy::headers::{Added, is_hop_by_hop, names_fixed_hop_by_hop, remove_hop_by_hop};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -140,6 +140,7 @@ impl Conn {
     pub async fn send<B>(
         mut self,
         req: &http::request::Parts,
+        added: Option<&Added>,
         body: Option<&mut B>,
     ) -> Result<http::Response<H1Body>, SendError>
     where
@@ -147,7 +148,7 @@ impl Conn {
         B::Error: std::fmt::Display,
     {
         let chunked = body.is_some() && !req.headers.contains_key(header::CONTENT_LENGTH);
-        encode_head(&mut self.out, req, chunked);
+        encode_head(&mut self.out, req, added, chunked);
         if let Err(e) = self.io.write_all(&self.out).await {
             return Err(SendError::Unsent(e));
         }
@@ -339,10 +340,16 @@ enum Parsed {
 }
 
 /// `GET /path HTTP/1.1\r\n`, the headers, and the blank line.
-fn encode_head(out: &mut Vec<u8>, req: &http::request::Parts, chunked: bool) {
+fn encode_head(
+    out: &mut Vec<u8>,
+    req: &http::request::Parts,
+    added: Option<&Added>,
+    chunked: bool,
+) {
     out.clear();
     let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut size = req.method.as_str().len() + target.len() + 13 + TE_CHUNKED.len();
+    size += added.map_or(0, Added::wire_len);
     for (name, value) in &req.headers {
         size += name.as_str().len() + value.len() + 4;
     }
@@ -356,6 +363,9 @@ fn encode_head(out: &mut Vec<u8>, req: &http::request::Parts, chunked: bool) {
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(added) = added {
+        added.write_to(out);
     }
     if chunked {
         out.extend_from_slice(TE_CHUNKED);
@@ -974,16 +984,35 @@ mod tests {
             .into_parts()
             .0;
         let mut out = Vec::new();
-        encode_head(&mut out, &req, true);
+        encode_head(&mut out, &req, None, true);
         assert_eq!(
             out,
             b"POST /a?b=1 HTTP/1.1\r\nhost: app.test\r\nx-one: 1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         req.method = Method::GET;
-        encode_head(&mut out, &req, false);
+        encode_head(&mut out, &req, None, false);
         assert_eq!(
             out,
             b"GET /a?b=1 HTTP/1.1\r\nhost: app.test\r\nx-one: 1\r\n\r\n"
         );
+        // What gangway adds for an untrusted peer goes after the request's own headers,
+        // and the size reserved for it is exact.
+        let peer = crate::proxy::headers::PeerText::new("192.0.2.7".parse().unwrap(), 80);
+        let added = Added {
+            block: peer.forwarding_block(&http::HeaderValue::from_static("app.test"), "http", None),
+            request_id: 0xfedc_ba98_7654_3210_0123_4567_89ab_cdef,
+        };
+        encode_head(&mut out, &req, Some(&added), false);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "GET /a?b=1 HTTP/1.1\r\nhost: app.test\r\nx-one: 1\r\n\
+             x-forwarded-for: 192.0.2.7\r\nx-real-ip: 192.0.2.7\r\nx-forwarded-port: 80\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: app.test\r\n\
+             forwarded: for=192.0.2.7;host=app.test;proto=http\r\n\
+             x-request-id: fedcba98765432100123456789abcdef\r\n\r\n"
+        );
+        let mut exact = Vec::new();
+        added.write_to(&mut exact);
+        assert_eq!(exact.len(), added.wire_len());
     }
 }
