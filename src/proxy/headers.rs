@@ -41,9 +41,22 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
     ]
 }
 
-/// Whether a header describes one connection only (see [`fixed_hop_by_hop`]).
+/// Whether a header describes one connection only (see [`fixed_hop_by_hop`]). A match on
+/// the name's text (its length first), not nine comparisons: it runs for every header of
+/// every response.
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    fixed_hop_by_hop().contains(&name)
+    matches!(
+        name.as_str(),
+        "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+    )
 }
 
 /// Whether a `Connection` token names one of the fixed hop-by-hop headers.
@@ -337,13 +350,14 @@ impl Added {
 /// `X-Request-Id`, which gangway sets on every request it forwards.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// 128 bits as 32 lowercase hex digits: a request id.
-pub fn request_id_text(mut bits: u128) -> [u8; 32] {
+/// 128 bits as 32 lowercase hex digits: a request id. Two digits per byte, from its 16
+/// bytes, big-endian.
+pub fn request_id_text(bits: u128) -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut text = [0u8; 32];
-    for digit in text.iter_mut().rev() {
-        *digit = HEX[(bits & 0xf) as usize];
-        bits >>= 4;
+    for (pair, byte) in text.chunks_exact_mut(2).zip(bits.to_be_bytes()) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
     }
     text
 }
@@ -832,6 +846,23 @@ mod tests {
         for b in 0..=255u8 {
             let listed = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
             assert_eq!(is_tchar(b), listed, "{b:#x}");
+        }
+    }
+
+    #[test]
+    fn is_hop_by_hop_names_the_fixed_list_and_nothing_else() {
+        for name in fixed_hop_by_hop() {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [
+            "x-kept",
+            "content-length",
+            "connections",
+            "tee",
+            "host",
+            "upgrade-x",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
         }
     }
 
