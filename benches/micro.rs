@@ -277,6 +277,31 @@ fn forwarded_headers(c: &mut Criterion) {
             )
         });
     }
+    // What `Proxy::route` does instead for an untrusted peer's request to an HTTP/1.1
+    // replica: the client's claims dropped, and the connection's forwarding block (made on
+    // its first request, here before the timing) taken with a new request id.
+    let conn = PeerText::new("203.0.113.7".parse().unwrap(), 443);
+    let rewrite = |mut h: HeaderMap| {
+        let upgrade = headers::is_upgrade(&h);
+        headers::remove_hop_by_hop(&mut h, upgrade);
+        headers::drop_claims(&mut h, true);
+        let added = headers::Added {
+            block: conn.forwarding_block(&host, "https", None),
+            request_id: 7,
+        };
+        (h, added)
+    };
+    let (out, added) = rewrite(browser_request(&[("x-forwarded-for", "198.51.100.1")]));
+    assert!(!out.contains_key("connection") && !out.contains_key("x-forwarded-for"));
+    assert!(added.block.starts_with(b"x-forwarded-for: 203.0.113.7\r\n"));
+    let request = browser_request(&[]);
+    g.bench_function("untrusted_peer_http1_block", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |h| rewrite(black_box(h)),
+            BatchSize::NumIterations(64),
+        )
+    });
     g.finish();
 }
 

@@ -198,7 +198,7 @@ impl PeerText {
     /// prefix its requests name (another one gets its own, each time): from an untrusted peer
     /// these headers depend on nothing else, and inserting seven headers into every request's
     /// map, to write them out again, was 8 % of gangway's instructions per request.
-    pub(crate) fn forwarding_block(
+    pub fn forwarding_block(
         &self,
         host: &HeaderValue,
         proto: &'static str,
@@ -295,7 +295,7 @@ fn is_forwarding_header(name: &HeaderName) -> bool {
 /// Removes every forwarding header a peer that is not a trusted proxy sent, and its
 /// `X-Request-Id` when `request_id` is set (gangway then makes its own). One pass over the
 /// names first: most requests carry none.
-pub(crate) fn drop_claims(headers: &mut HeaderMap, request_id: bool) {
+pub fn drop_claims(headers: &mut HeaderMap, request_id: bool) {
     if !headers
         .keys()
         .any(|n| is_forwarding_header(n) || (request_id && n == X_REQUEST_ID))
