@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::fmt::Write;
 use std::net::IpAddr;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -143,7 +145,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// What gangway says about a connection's peer and listener in forwarding headers, made once
 /// per connection rather than formatted for every request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PeerText {
     /// The peer, IPv4-mapped addresses unwrapped.
     pub ip: IpAddr,
@@ -154,22 +156,22 @@ pub struct PeerText {
     /// The listener's port.
     pub port: u16,
     port_value: HeaderValue,
-    /// This hop's `Forwarded` element for the first host (a copy, not a view of a request's
-    /// buffer) and scheme it was made for: a connection's requests nearly always name the same
-    /// host, so it is formatted once.
-    forwarded: std::sync::OnceLock<(Box<[u8]>, &'static str, HeaderValue)>,
-    /// The forwarding headers as written to an HTTP/1.1 replica, for the first host, scheme
-    /// and prefix they were made for (see [`PeerText::forwarding_block`]).
-    block: std::sync::OnceLock<Block>,
+    /// The forwarding headers as written to an HTTP/1.1 replica, for the host, scheme and
+    /// prefix they were last made for (see [`PeerText::forwarding_block`]); dropped when the
+    /// connection is parked. Locked only to look, never across an await.
+    block: Mutex<Option<Block>>,
 }
 
-/// A connection's forwarding headers on the wire, and what they were made for.
+/// A connection's forwarding headers on the wire, and what they were made for: one
+/// allocation per connection (about 200 bytes).
 #[derive(Debug, Clone)]
 struct Block {
-    host: Box<[u8]>,
+    /// `name: value\r\n` for each header.
+    bytes: Arc<[u8]>,
+    /// Where the host they were made for is in `bytes`: X-Forwarded-Host's value.
+    host: Range<usize>,
     proto: &'static str,
     prefix: Option<Box<str>>,
-    bytes: Bytes,
 }
 
 impl PeerText {
@@ -187,8 +189,7 @@ impl PeerText {
             forwarded_for: forwarded_for.into_boxed_str(),
             port,
             port_value: HeaderValue::from(port),
-            forwarded: std::sync::OnceLock::new(),
-            block: std::sync::OnceLock::new(),
+            block: Mutex::new(None),
         }
     }
 
@@ -203,13 +204,17 @@ impl PeerText {
         host: &HeaderValue,
         proto: &'static str,
         prefix: Option<&str>,
-    ) -> Bytes {
-        if let Some(b) = self.block.get()
-            && *b.host == *host.as_bytes()
+    ) -> Arc<[u8]> {
+        if let Some(b) = self
+            .block
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            && b.bytes.get(b.host.clone()) == Some(host.as_bytes())
             && b.proto == proto
             && b.prefix.as_deref() == prefix
         {
-            return b.bytes.clone();
+            return Arc::clone(&b.bytes);
         }
         let mut map = HeaderMap::new();
         let fwd = Forwarding {
@@ -220,38 +225,35 @@ impl PeerText {
         };
         set_forwarding(&mut map, &fwd, &TrustedProxies::default());
         let mut out = Vec::with_capacity(256);
+        let mut at = None;
         for (name, value) in &map {
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
+            if name == X_FORWARDED_HOST {
+                at = Some(out.len()..out.len() + value.len());
+            }
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        let bytes = Bytes::from(out);
-        let _ = self.block.set(Block {
-            host: host.as_bytes().into(),
-            proto,
-            prefix: prefix.map(Into::into),
-            bytes: bytes.clone(),
-        });
+        let bytes: Arc<[u8]> = out.into();
+        if let Some(host) = at {
+            *self.block.lock().unwrap_or_else(PoisonError::into_inner) = Some(Block {
+                bytes: Arc::clone(&bytes),
+                host,
+                proto,
+                prefix: prefix.map(Into::into),
+            });
+        }
         bytes
     }
 
-    /// This hop's `Forwarded` element (`for=…;host=…;proto=…`), formatted once per connection
-    /// for the host its requests name.
-    fn forwarded_element(&self, host: &HeaderValue, proto: &'static str) -> Option<HeaderValue> {
-        if let Some((h, p, v)) = self.forwarded.get()
-            && **h == *host.as_bytes()
-            && *p == proto
-        {
-            return Some(v.clone());
-        }
-        let mut text = String::new();
-        push_forwarded_element(&mut text, self, host, proto);
-        let value = HeaderValue::from_maybe_shared(Bytes::from(text)).ok()?;
-        let _ = self
-            .forwarded
-            .set((host.as_bytes().into(), proto, value.clone()));
-        Some(value)
+    /// Drops the forwarding block: the connection is idle, and its next request, if any,
+    /// makes it again.
+    pub fn forget_block(&self) {
+        self.block
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -326,7 +328,7 @@ pub fn drop_claims(headers: &mut HeaderMap, request_id: bool) {
 #[derive(Debug, Clone)]
 pub struct Added {
     /// The connection's forwarding headers ([`PeerText::forwarding_block`]).
-    pub block: Bytes,
+    pub block: Arc<[u8]>,
     /// The request's id, sent as `X-Request-Id`.
     pub request_id: u128,
 }
@@ -467,8 +469,8 @@ pub fn set_forwarding(
     }
 
     // RFC 7239 Forwarded: one element for this hop, appended to a trusted peer's list.
-    let forwarded = if from_trusted {
-        let mut list = String::new();
+    let mut list = String::new();
+    if from_trusted {
         for v in headers.get_all(header::FORWARDED) {
             if let Ok(s) = v.to_str().map(str::trim)
                 && !s.is_empty()
@@ -477,12 +479,9 @@ pub fn set_forwarding(
                 list.push_str(", ");
             }
         }
-        push_forwarded_element(&mut list, fwd.conn, fwd.host, fwd.proto);
-        HeaderValue::from_maybe_shared(Bytes::from(list)).ok()
-    } else {
-        fwd.conn.forwarded_element(fwd.host, fwd.proto)
-    };
-    if let Some(v) = forwarded {
+    }
+    push_forwarded_element(&mut list, fwd.conn, fwd.host, fwd.proto);
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(list)) {
         headers.insert(header::FORWARDED, v);
     }
     client
@@ -768,9 +767,8 @@ mod tests {
     }
 
     #[test]
-    fn a_connections_forwarded_element_follows_each_requests_host() {
-        // One connection whose requests name different hosts: the element formatted for the
-        // first is reused for it only.
+    fn forwarded_follows_each_requests_host_and_scheme() {
+        // One connection whose requests name different hosts and schemes.
         let conn = PeerText::new("192.0.2.1".parse().unwrap(), 443);
         for (host, proto, want) in [
             (
@@ -814,6 +812,7 @@ mod tests {
 
     #[test]
     fn a_connections_forwarding_block_follows_host_scheme_and_prefix() {
+        // Each call is a request on one connection; the block is kept for the last one.
         let conn = PeerText::new("2001:db8::7".parse().unwrap(), 443);
         let block = |host: &'static str, proto, prefix| {
             let b = conn.forwarding_block(&HeaderValue::from_static(host), proto, prefix);
@@ -838,6 +837,11 @@ mod tests {
             block("a.example.com", "https", Some("/api")).contains("x-forwarded-prefix: /api\r\n")
         );
         assert!(block("a.example.com", "http", None).contains("x-forwarded-proto: http\r\n"));
+        assert_eq!(block("a.example.com", "https", None), plain);
+        // Parked: dropped, and made again by the next request.
+        conn.forget_block();
+        assert!(conn.block.lock().unwrap().is_none());
+        assert_eq!(block("b.example.com:8443", "https", Some("/api")), other);
         assert_eq!(block("a.example.com", "https", None), plain);
     }
 
