@@ -79,7 +79,18 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// The tokens of one `Connection` value (`keep-alive`, `close`, header names).
 pub(crate) fn connection_tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
-    v.to_str()
+    list_tokens(v.as_bytes())
+}
+
+/// The elements of a comma-separated header value, trimmed, empty ones skipped. As with
+/// `HeaderValue::to_str`, a value that is not visible ASCII (tab allowed) has none.
+pub(crate) fn list_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+    let visible = value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..0x7f).contains(&b));
+    std::str::from_utf8(value)
+        .ok()
+        .filter(|_| visible)
         .unwrap_or("")
         .split(',')
         .map(str::trim)
@@ -164,7 +175,7 @@ pub struct PeerText {
 
 /// A connection's forwarding headers on the wire, and what they were made for: one
 /// allocation per connection (about 200 bytes).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Block {
     /// `name: value\r\n` for each header.
     bytes: Arc<[u8]>,
@@ -325,7 +336,7 @@ pub fn drop_claims(headers: &mut HeaderMap, request_id: bool) {
 
 /// What gangway adds to a request from a peer that is not a trusted proxy, sent to an
 /// HTTP/1.1 replica: written after the request's own headers, never put in its map.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Added {
     /// The connection's forwarding headers ([`PeerText::forwarding_block`]).
     pub block: Arc<[u8]>,
@@ -648,6 +659,17 @@ mod tests {
                         ),
                     ),
                 ],
+            },
+            Case {
+                name: "trusted peer's empty Forwarded value adds no empty element",
+                peer: "10.0.0.2",
+                trusted: &["10.0.0.0/8"],
+                incoming: &[("forwarded", "for=198.51.100.1"), ("forwarded", " ")],
+                prefix: None,
+                expect: &[(
+                    "forwarded",
+                    Some("for=198.51.100.1, for=10.0.0.2;host=app.example.com;proto=http"),
+                )],
             },
             Case {
                 name: "trusted peer, client spoofed the left of the chain",

@@ -356,13 +356,13 @@ impl Proxy {
         // all of them): its forwarding headers are the connection's, made once, and are
         // written after the map with the request id, never inserted into it. Otherwise they
         // are set in the map, for hyper's h2c client or to extend a trusted proxy's chain.
+        if !parts.headers.contains_key(header::HOST) {
+            parts.headers.insert(header::HOST, host.clone());
+        }
         let trusted_peer = self.trusted.contains(conn.text.ip);
         let mut added = None;
         let client = if !h2c && !trusted_peer {
             headers::drop_claims(&mut parts.headers, true);
-            if !parts.headers.contains_key(header::HOST) {
-                parts.headers.insert(header::HOST, host.clone());
-            }
             let a = headers::Added {
                 block: conn
                     .text
@@ -376,11 +376,8 @@ impl Proxy {
             added = Some(a);
             conn.text.ip
         } else {
-            // Host, the forwarding headers and X-Request-Id below: one growth at most.
+            // The forwarding headers and X-Request-Id below: one growth at most.
             parts.headers.reserve(headers::ADDED_HEADERS);
-            if !parts.headers.contains_key(header::HOST) {
-                parts.headers.insert(header::HOST, host.clone());
-            }
             let client = headers::set_forwarding(
                 &mut parts.headers,
                 &Forwarding {

@@ -11,7 +11,9 @@
 //! answer is relayed and the connection, its request unfinished, is not reused. A `101`
 //! hands the socket and any bytes after the head to the caller for the tunnel.
 
-use crate::proxy::headers::{Added, is_hop_by_hop, names_fixed_hop_by_hop, remove_hop_by_hop};
+use crate::proxy::headers::{
+    Added, is_hop_by_hop, list_tokens, names_fixed_hop_by_hop, remove_hop_by_hop,
+};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -417,15 +419,14 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
     let mut connection = ConnectionTokens::default();
     // Whether the last `Transfer-Encoding` ends with `chunked`; None without one.
     let mut chunked: Option<bool> = None;
+    // Ok(None) while no Content-Length was seen.
     let mut length: Result<Option<u64>, SendError> = Ok(None);
-    let mut has_length = false;
     for h in resp.headers.iter() {
         let at = h.value.as_ptr() as usize - base;
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| broken(format!("invalid header name {:?}", h.name)))?;
         let hop = is_hop_by_hop(&name);
         if name == header::CONTENT_LENGTH {
-            has_length = true;
             if let Ok(found) = length {
                 length = add_content_length(found, h.value);
             }
@@ -462,7 +463,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
         Framing::Length(0)
     } else if let Some(chunked) = chunked {
         // A length alongside a transfer coding is a smuggling attempt or a broken server.
-        if has_length {
+        if !matches!(length, Ok(None)) {
             return Err(broken(
                 "response has both Transfer-Encoding and Content-Length",
             ));
@@ -501,19 +502,12 @@ struct ConnectionTokens {
 
 impl ConnectionTokens {
     fn add(&mut self, value: &[u8]) {
-        // As `HeaderValue::to_str`: a value that is not visible ASCII has no tokens.
-        if !value
-            .iter()
-            .all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
-        {
-            return;
-        }
-        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            if token.eq_ignore_ascii_case(b"close") {
+        for token in list_tokens(value) {
+            if token.eq_ignore_ascii_case("close") {
                 self.close = true;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            } else if token.eq_ignore_ascii_case("keep-alive") {
                 self.keep_alive = true;
-            } else if !token.is_empty() && !names_fixed_hop_by_hop(token) {
+            } else if !names_fixed_hop_by_hop(token.as_bytes()) {
                 self.names_others = true;
             }
         }
