@@ -188,7 +188,8 @@ def main(argv: list[str]) -> int:
             if env.gangway_bin is None:
                 bench.build_gangway(env)
         for p in [p for p in proxies if p != "gangway" and not tools.get(p)]:
-            rows.append({"proxy": p, "scenario": 0, "ok": False, "error": "not installed"})
+            rows += [{"proxy": p, "scenario": s, "ok": False, "error": "not installed"}
+                     for s in args.scenario_ids]
             proxies.remove(p)
         bench.make_cert(env)
         bench.start_backends(env, max(1, len(env.load_cpu_list)))
