@@ -379,6 +379,87 @@ fn broken(why: impl Into<String>) -> SendError {
     SendError::Broken(why.into())
 }
 
+/// The header names an app's responses are mostly made of, as `http` names them, found
+/// without [`HeaderName::from_bytes`]: that one lower-cases the name into a buffer and walks
+/// its table of every standard header, about 140 instructions for each header of every
+/// response (benches/instructions.py); this is a length match and a compare. `None` for any
+/// other name, which the caller parses the usual way.
+fn common_name(name: &[u8]) -> Option<HeaderName> {
+    use header::*;
+    let first = name.first()? | 0x20;
+    let known = match (name.len(), first) {
+        (3, b'a') => (eq_lowercase(name, b"age"), AGE),
+        (3, b'v') => (eq_lowercase(name, b"via"), VIA),
+        (4, b'd') => (eq_lowercase(name, b"date"), DATE),
+        (4, b'e') => (eq_lowercase(name, b"etag"), ETAG),
+        (4, b'l') => (eq_lowercase(name, b"link"), LINK),
+        (4, b'v') => (eq_lowercase(name, b"vary"), VARY),
+        (6, b's') => (eq_lowercase(name, b"server"), SERVER),
+        (7, b'e') => (eq_lowercase(name, b"expires"), EXPIRES),
+        (7, b'u') => (eq_lowercase(name, b"upgrade"), UPGRADE),
+        (8, b'l') => (eq_lowercase(name, b"location"), LOCATION),
+        (10, b'c') => (eq_lowercase(name, b"connection"), CONNECTION),
+        (10, b's') => (eq_lowercase(name, b"set-cookie"), SET_COOKIE),
+        (12, b'c') => (eq_lowercase(name, b"content-type"), CONTENT_TYPE),
+        (13, b'a') => (eq_lowercase(name, b"accept-ranges"), ACCEPT_RANGES),
+        (13, b'c') => (eq_lowercase(name, b"cache-control"), CACHE_CONTROL),
+        (13, b'l') => (eq_lowercase(name, b"last-modified"), LAST_MODIFIED),
+        (14, b'c') => (eq_lowercase(name, b"content-length"), CONTENT_LENGTH),
+        (16, b'c') => (eq_lowercase(name, b"content-encoding"), CONTENT_ENCODING),
+        (17, b't') => (eq_lowercase(name, b"transfer-encoding"), TRANSFER_ENCODING),
+        _ => return None,
+    };
+    known.0.then_some(known.1)
+}
+
+/// Whether `name` is `lower` (lower-case letters and other bytes) with its letters in any
+/// case: a letter matches either case of itself, any other byte only itself. Eight bytes at
+/// a time (the last word overlapping the one before), with `lower` a constant the words and
+/// case masks of which the compiler works out: a byte loop cost about as much as
+/// `HeaderName::from_bytes`.
+#[inline(always)]
+fn eq_lowercase<const N: usize>(name: &[u8], lower: &[u8; N]) -> bool {
+    let Ok(name) = <&[u8; N]>::try_from(name) else {
+        return false;
+    };
+    let mut at = 0;
+    loop {
+        // Each word starts at `at`, the last one at N - 8 (or 0 when shorter).
+        let start = at.min(N.saturating_sub(8));
+        let width = N.min(8);
+        let (got, want, fold) = (
+            word(name, start, width),
+            word(lower, start, width),
+            fold(lower, start, width),
+        );
+        if got | fold != want {
+            return false;
+        }
+        at = start + 8;
+        if at >= N {
+            return true;
+        }
+    }
+}
+
+/// `width` (up to 8) bytes of `bytes` from `at`, as one little-endian word.
+#[inline(always)]
+fn word<const N: usize>(bytes: &[u8; N], at: usize, width: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w[..width].copy_from_slice(&bytes[at..at + width]);
+    u64::from_le_bytes(w)
+}
+
+/// The case bit (0x20) at each letter of `lower` in the same word as [`word`].
+#[inline(always)]
+fn fold<const N: usize>(lower: &[u8; N], at: usize, width: usize) -> u64 {
+    let mut w = [0u8; 8];
+    for (m, &b) in w.iter_mut().zip(&lower[at..at + width]) {
+        *m = if b.is_ascii_lowercase() { 0x20 } else { 0 };
+    }
+    u64::from_le_bytes(w)
+}
+
 /// Parses a response head at the start of `buf`, consuming it when complete.
 fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> {
     // Uninitialised slots: zeroing 100 headers of 32 bytes for every response showed in
@@ -423,8 +504,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
     let mut length: Result<Option<u64>, SendError> = Ok(None);
     for h in resp.headers.iter() {
         let at = h.value.as_ptr() as usize - base;
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| broken(format!("invalid header name {:?}", h.name)))?;
+        let name = match common_name(h.name.as_bytes()) {
+            Some(name) => name,
+            None => HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| broken(format!("invalid header name {:?}", h.name)))?,
+        };
         let hop = is_hop_by_hop(&name);
         if name == header::CONTENT_LENGTH {
             if let Ok(found) = length {
@@ -440,7 +524,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Parsed, SendError> 
     let keep_all = switching || connection.names_others;
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len().max(RESPONSE_MAP_MIN));
-    for (name, start, end, hop) in spans {
+    // Drained in place: moving the SmallVec into its iterator copied all 16 slots.
+    for (name, start, end, hop) in spans.drain(..) {
         if hop && !keep_all {
             continue;
         }
@@ -754,6 +839,78 @@ impl Body for H1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_names_are_the_names_http_parses() {
+        let known = [
+            "age",
+            "via",
+            "date",
+            "etag",
+            "link",
+            "vary",
+            "server",
+            "expires",
+            "upgrade",
+            "location",
+            "connection",
+            "set-cookie",
+            "content-type",
+            "accept-ranges",
+            "cache-control",
+            "last-modified",
+            "content-length",
+            "content-encoding",
+            "transfer-encoding",
+        ];
+        for text in known {
+            let parsed = HeaderName::from_bytes(text.as_bytes()).unwrap();
+            for spelling in [
+                text.to_string(),
+                text.to_ascii_uppercase(),
+                text.split('-')
+                    .map(|w| w[..1].to_ascii_uppercase() + &w[1..])
+                    .collect::<Vec<_>>()
+                    .join("-"),
+            ] {
+                assert_eq!(
+                    common_name(spelling.as_bytes()),
+                    Some(parsed.clone()),
+                    "{spelling}"
+                );
+            }
+            // Every one-byte change, and one byte more or less, is another name (or not a
+            // name): never taken for this one.
+            for at in 0..text.len() {
+                for b in 0..=255u8 {
+                    let mut other = text.as_bytes().to_vec();
+                    other[at] = b;
+                    if other.eq_ignore_ascii_case(text.as_bytes()) {
+                        continue;
+                    }
+                    if let Some(found) = common_name(&other) {
+                        assert_eq!(
+                            Some(found),
+                            HeaderName::from_bytes(&other).ok(),
+                            "{other:?}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(common_name(&text.as_bytes()[1..]), None);
+            assert_eq!(common_name(format!("{text}s").as_bytes()), None);
+        }
+        for other in [
+            "x-request-id",
+            "keep-alive",
+            "",
+            "-",
+            "content-md5",
+            "dat\r",
+        ] {
+            assert_eq!(common_name(other.as_bytes()), None, "{other}");
+        }
+    }
 
     fn head(bytes: &[u8], method: Method) -> Result<Parsed, SendError> {
         parse_head(&mut BytesMut::from(bytes), &method)
