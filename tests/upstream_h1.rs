@@ -355,6 +355,57 @@ async fn broken_responses_are_502_and_never_reach_the_client() {
     }
 }
 
+/// A replica whose response is broken gets the request again on another replica (a GET
+/// may be resent): that one must see it whole, headers included, even though the first
+/// response head was parsed (and failed) after the request went out.
+#[tokio::test]
+async fn a_request_retried_after_a_broken_response_reaches_the_next_replica_whole() {
+    let broken_heads: [&[u8]; 2] = [
+        b"HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok!",
+    ];
+    for broken_head in broken_heads {
+        let broken = Scripted::start(move |_| (broken_head.to_vec(), After::Close)).await;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let heads = seen.clone();
+        let good = Scripted::start(move |head| {
+            heads.lock().unwrap().push(head.to_ascii_lowercase());
+            keep(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        })
+        .await;
+        let gw = Gangway::start(&format!(
+            "sites:\n  - hosts: [\"*\"]\n    upstreams: [{}, {}]\n",
+            broken.addr, good.addr
+        ))
+        .await;
+        let mut client = Client::connect(gw.addr).await;
+        for _ in 0..4 {
+            let got = client
+                .send(request("GET", "app.test", "/x", &[("x-client", "kept")]))
+                .await;
+            assert_eq!(got.status, 200);
+            assert_eq!(got.text(), "ok");
+        }
+        // Round robin sent two of the four to the broken replica first.
+        assert!(
+            broken.connections() >= 2,
+            "the broken replica was not tried"
+        );
+        let heads = seen.lock().unwrap().clone();
+        assert_eq!(heads.len(), 4);
+        for head in heads {
+            assert!(head.starts_with("get /x http/1.1\r\n"), "{head}");
+            for line in [
+                "\r\nhost: app.test",
+                "\r\nx-client: kept",
+                "\r\nx-forwarded-for: 127.0.0.1",
+            ] {
+                assert!(head.contains(line), "{line:?} missing in {head}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_truncated_body_is_cut_short_for_the_client_too() {
     let up =
