@@ -251,7 +251,9 @@ async fn wait_parked(gw: &Gangway, n: u64) {
 
 /// An idle keep-alive connection gives up hyper's buffers after 50 ms (it is parked) and
 /// must then serve exactly as before: a later request, two pipelined ones, and a request
-/// head split across a pause all get their answers on the same connection.
+/// head split across a pause all get their answers on the same connection. Parking also
+/// drops the connection's cached forwarding headers: each request, under whichever Host,
+/// must still reach the replica with exactly its own.
 #[tokio::test]
 async fn a_parked_keep_alive_connection_serves_on() {
     use tokio::io::AsyncWriteExt;
@@ -259,7 +261,11 @@ async fn a_parked_keep_alive_connection_serves_on() {
     let gw = Gangway::start(&catch_all(&[&a], "")).await;
     let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let mut buf = Vec::new();
-    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    let host = |path: &str| match path {
+        "/two" | "/four" => "two.test:8080",
+        _ => "app.test",
+    };
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", host(path));
 
     conn.write_all(get("/one").as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
@@ -288,6 +294,42 @@ async fn a_parked_keep_alive_connection_serves_on() {
         .map(|s| s.path.clone())
         .collect();
     assert_eq!(paths, ["/one", "/two", "/three", "/four", "/five"]);
+    let seen = a.seen.lock().unwrap().clone();
+    let mut ids = std::collections::HashSet::new();
+    for s in &seen {
+        let h = |name: &str| {
+            let all: Vec<_> = s.headers.get_all(name).iter().collect();
+            assert_eq!(all.len(), 1, "{}: {name} {all:?}", s.path);
+            all[0].to_str().unwrap().to_string()
+        };
+        let host = host(&s.path);
+        // The port of Host, else the one the client connected to.
+        let port = match host.split_once(':') {
+            Some((_, port)) => port.to_string(),
+            None => gw.addr.port().to_string(),
+        };
+        assert_eq!(h("host"), host, "{}", s.path);
+        assert_eq!(h("x-forwarded-for"), "127.0.0.1", "{}", s.path);
+        assert_eq!(h("x-forwarded-proto"), "http", "{}", s.path);
+        assert_eq!(h("x-forwarded-host"), host, "{}", s.path);
+        assert_eq!(h("x-forwarded-port"), port, "{}", s.path);
+        assert_eq!(
+            h("forwarded"),
+            // RFC 7239: quoted only when not a token (a port's colon).
+            if host.contains(':') {
+                format!("for=127.0.0.1;host=\"{host}\";proto=http")
+            } else {
+                format!("for=127.0.0.1;host={host};proto=http")
+            },
+            "{}",
+            s.path
+        );
+        assert!(
+            ids.insert(h("x-request-id")),
+            "{}: a repeated request id",
+            s.path
+        );
+    }
     assert_eq!(
         a.connections.load(std::sync::atomic::Ordering::SeqCst),
         1,
@@ -305,7 +347,11 @@ async fn idle_connections_are_parked_and_a_slow_response_is_not() {
     const N: usize = 20;
     let a = Upstream::start("a").await;
     let gw = Gangway::start(&catch_all(&[&a], "")).await;
-    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    let host = |path: &str| match path {
+        "/two" | "/four" => "two.test:8080",
+        _ => "app.test",
+    };
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", host(path));
     let mut conns = Vec::new();
     for _ in 0..N {
         let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
