@@ -198,6 +198,54 @@ async fn idle_keep_alive_is_closed_but_busy_connections_are_not() {
     );
 }
 
+/// A connection's timer is not moved on every request: it stays armed for an earlier
+/// deadline and is set again when it fires early. A kept-alive connection that sends a
+/// request every 30 ms, under a 120 ms header limit and a 50 ms park delay, must be served
+/// throughout (no early expiry is taken for a real one); one that then starts a request
+/// head and stalls must be cut at the header limit counted from its first byte, not at the
+/// park delay and not at the idle limit.
+#[tokio::test]
+async fn a_steady_connection_outlives_its_early_timers_and_a_stalled_head_is_cut_on_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("a").await;
+    let gw = Gangway::start(&catch_all(
+        &[&up],
+        "timeouts:\n  client_header: 120ms\n  client_idle: 30s",
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for i in 0..15 {
+        conn.write_all(format!("GET /{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            read_response(&mut conn, &mut buf).await,
+            (200, "a".into()),
+            "request {i}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(up.hits(), 15);
+    // A last request; straight after its answer (before the park delay), half a head,
+    // then silence.
+    conn.write_all(b"GET /last HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut conn, &mut buf).await, (200, "a".into()));
+    let started = Instant::now();
+    conn.write_all(b"GET /stalled HTTP/1.1\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(100),
+        "cut too early: {took:?}"
+    );
+    assert!(took < Duration::from_millis(1000), "cut too late: {took:?}");
+    assert_eq!(up.hits(), 16, "the stalled head never reached the replica");
+}
+
 /// Reads one HTTP/1.1 response with a Content-Length body from a raw connection.
 async fn read_response(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u16, String) {
     use tokio::io::AsyncReadExt;

@@ -91,6 +91,9 @@ pub struct TimedIo<T> {
     idle: Duration,
     mode: Mode,
     seen_finished: u64,
+    /// When the current state's time runs out (see [`TimedIo::set_due`]).
+    due: Instant,
+    /// The timer, armed for `due` or earlier, never later.
     deadline: Pin<Box<Sleep>>,
     /// Park the connection after this much idleness (plain HTTP/1 only).
     park_after: Option<Duration>,
@@ -106,6 +109,7 @@ pub struct TimedIo<T> {
 
 impl<T> TimedIo<T> {
     pub fn new(inner: T, activity: Arc<Activity>, header: Duration, idle: Duration) -> Self {
+        let now = Instant::now();
         TimedIo {
             inner,
             activity,
@@ -114,10 +118,11 @@ impl<T> TimedIo<T> {
             // A new connection must send its first request head within `header`.
             mode: Mode::Header,
             seen_finished: 0,
-            deadline: Box::pin(tokio::time::sleep(header)),
+            due: now + header,
+            deadline: Box::pin(tokio::time::sleep_until(now + header)),
             park_after: None,
             park_armed: false,
-            idle_since: Instant::now(),
+            idle_since: now,
             parked: false,
             write_blocked: false,
         }
@@ -157,7 +162,7 @@ impl<T> TimedIo<T> {
             self.idle_since = now;
             self.park_armed = self.park_after.is_some();
             let wait = self.park_after.unwrap_or(self.idle);
-            self.deadline.as_mut().reset(now + wait);
+            self.set_due(now + wait);
         }
     }
 
@@ -172,9 +177,9 @@ impl<T> TimedIo<T> {
             self.parked = true;
             return true;
         }
-        self.deadline.as_mut().reset(self.idle_since + self.idle);
+        self.set_due(self.idle_since + self.idle);
         // Register the new deadline with this task.
-        let _ = self.deadline.as_mut().poll(cx);
+        let _ = self.expired(cx);
         false
     }
 
@@ -187,7 +192,7 @@ impl<T> TimedIo<T> {
         if n > 0 && self.mode == Mode::Idle {
             self.mode = Mode::Header;
             self.park_armed = false;
-            self.deadline.as_mut().reset(Instant::now() + self.header);
+            self.set_due(Instant::now() + self.header);
         }
     }
 
@@ -204,18 +209,41 @@ impl<T> TimedIo<T> {
         }
     }
 
-    /// Moves the idle deadline to `idle` from now, at most once a second of real time to
-    /// keep timer work off the per-read and per-write path.
+    /// Moves the idle deadline to `idle` from now (no timer work: see `set_due`).
     fn push_idle(&mut self) {
-        let next = Instant::now() + self.idle;
-        if next > self.deadline.deadline() + Duration::from_secs(1) {
-            self.park_armed = false;
-            self.deadline.as_mut().reset(next);
+        self.park_armed = false;
+        self.set_due(Instant::now() + self.idle);
+    }
+
+    /// Sets when the current state's time runs out. The timer is moved only when it would
+    /// fire too late (or has fired): a later deadline leaves it where it is, and when it
+    /// fires early [`Self::timer_fired`] sets it again for `due`. Each request moved it twice
+    /// (to the header deadline, then back to the idle one), about 400 instructions per
+    /// request in tokio's timer wheel (benches/instructions.py); now a busy connection's
+    /// timer fires and is set again about once per park delay (50 ms) instead.
+    fn set_due(&mut self, due: Instant) {
+        self.due = due;
+        if self.deadline.deadline() > due || self.deadline.is_elapsed() {
+            self.deadline.as_mut().reset(due);
+        }
+    }
+
+    /// Whether `due` has passed, by the timer; registers the task to be woken when it does.
+    fn timer_fired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.deadline.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.deadline.deadline() >= self.due {
+                return true;
+            }
+            // Armed for an earlier deadline that has since moved on.
+            self.deadline.as_mut().reset(self.due);
         }
     }
 
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.mode != Mode::Busy && self.deadline.as_mut().poll(cx).is_ready()
+        self.mode != Mode::Busy && self.timer_fired(cx)
     }
 }
 
@@ -311,19 +339,19 @@ impl TimedIo<tokio::net::TcpStream> {
     /// future (a waiter node, about 150 bytes) would sit in every parked connection's task.
     pub async fn readable(&mut self) -> io::Result<()> {
         if self.parked {
-            self.deadline.as_mut().reset(self.idle_since + self.idle);
+            self.set_due(self.idle_since + self.idle);
         }
         std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = self.inner.poll_read_ready(cx) {
                 return Poll::Ready(r);
             }
-            match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+            if self.timer_fired(cx) {
+                return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "idle keep-alive connection timed out",
-                ))),
-                Poll::Pending => Poll::Pending,
+                )));
             }
+            Poll::Pending
         })
         .await
     }
