@@ -268,6 +268,40 @@ async fn slow_upstream_header_is_a_504() {
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }
 
+/// An upstream connection keeps its response-head timer from one request to the next and
+/// moves it only when a deadline comes nearer: armed for the first request's deadline, it
+/// fires during the second, which must get its full limit (set again, not a 504); and a
+/// request longer than the limit, sent while the timer is still armed for an earlier
+/// request's deadline, must be cut at its own limit (the timer set again when it fires).
+#[tokio::test]
+async fn a_reused_upstream_connection_gives_each_request_its_full_header_limit() {
+    use std::time::{Duration, Instant};
+    let up = Upstream::start("slow").await;
+    let gw = Gangway::start(&catch_all(&[&up], "timeouts:\n  upstream_header: 300ms")).await;
+    let mut c = Client::connect(gw.addr).await;
+    assert_eq!(c.get("x.test", "/").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Its deadline is 300 ms from now; the timer is still armed for the first one's.
+    let got = c.get("x.test", "/slow?ms=250").await;
+    assert_eq!((got.status.as_u16(), got.text().as_str()), (200, "slow"));
+    assert_eq!(
+        up.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "both requests went over one upstream connection"
+    );
+    // The timer stays armed for the slow request's deadline, about 50 ms away.
+    assert_eq!(c.get("x.test", "/").await.status, 200);
+    let started = Instant::now();
+    let got = c.get("x.test", "/slow?ms=900").await;
+    let took = started.elapsed();
+    assert_eq!(got.status, 504);
+    assert!(
+        took >= Duration::from_millis(250),
+        "cut too early: {took:?}"
+    );
+    assert!(took < Duration::from_millis(800), "cut too late: {took:?}");
+}
+
 #[tokio::test]
 async fn a_route_with_its_own_upstream_header_answers_504_sooner() {
     let up = Upstream::start("slow").await;

@@ -599,11 +599,14 @@ impl Proxy {
     }
 
     async fn send_own(&self, conn: Conn, out: &mut Outgoing<'_>) -> Result<Attempt, SendError> {
-        let send = conn.send(out.parts, out.added, out.body.as_deref_mut());
-        match tokio::time::timeout(out.header_limit, send).await {
-            Err(_) => Ok(Attempt::Failed(Failure::Timeout, String::new())),
-            Ok(Ok(resp)) => Ok(Attempt::SentOwn(resp)),
-            Ok(Err(e)) => Err(e),
+        let limit = out.header_limit;
+        match conn
+            .send(out.parts, out.added, out.body.as_deref_mut(), limit)
+            .await
+        {
+            Ok(resp) => Ok(Attempt::SentOwn(resp)),
+            Err(SendError::TimedOut) => Ok(Attempt::Failed(Failure::Timeout, String::new())),
+            Err(e) => Err(e),
         }
     }
 

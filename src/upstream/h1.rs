@@ -22,8 +22,10 @@ use smallvec::SmallVec;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 /// A response head longer than this is refused (hyper's default is about 400 KiB; nginx's
 /// `proxy_buffer_size` is 4–8 KiB).
@@ -55,6 +57,8 @@ pub struct Conn {
     buf: BytesMut,
     /// Reused for each request head.
     out: Vec<u8>,
+    /// The response-head timer, kept from request to request (see [`Conn::send`]).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// Why a request on a connection failed.
@@ -67,6 +71,8 @@ pub enum SendError {
     Closed,
     /// The response was broken or could not be read.
     Broken(String),
+    /// No final response head came within the limit given to [`Conn::send`].
+    TimedOut,
 }
 
 impl std::fmt::Display for SendError {
@@ -75,6 +81,7 @@ impl std::fmt::Display for SendError {
             SendError::Unsent(e) => write!(f, "request not sent: {e}"),
             SendError::Closed => f.write_str("connection closed before a response"),
             SendError::Broken(why) => f.write_str(why),
+            SendError::TimedOut => f.write_str("no response head in time"),
         }
     }
 }
@@ -104,6 +111,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
+            timer: None,
         }
     }
 
@@ -137,14 +145,65 @@ impl Conn {
 
     /// Sends a request and reads the response head; `body` is streamed after the head (it
     /// is only read from once the head is written, so on [`SendError::Unsent`] it is whole).
-    /// The response body is read through the returned [`H1Body`], which gives the
-    /// connection back when it can be reused.
+    /// All of it must be done within `limit` (the route's `upstream_header`), else
+    /// [`SendError::TimedOut`]. The response body is read through the returned [`H1Body`],
+    /// which gives the connection back when it can be reused.
     pub async fn send<B>(
         mut self,
         req: &http::request::Parts,
         added: Option<&Added>,
         body: Option<&mut B>,
+        limit: Duration,
     ) -> Result<http::Response<H1Body>, SendError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let due = Instant::now() + limit;
+        // The connection's timer is moved only when it would fire too late, or has fired;
+        // when it fires early it is set again for `due`. A connection's requests come one
+        // after another under the same limit, so it is seldom touched: a timer made, set
+        // and removed in tokio's wheel for every request (`tokio::time::timeout`) was about
+        // 500 instructions per request (benches/instructions.py).
+        let mut timer = match self.timer.take() {
+            Some(mut timer) => {
+                if timer.deadline() > due || timer.is_elapsed() {
+                    timer.as_mut().reset(due);
+                }
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(due)),
+        };
+        let head = {
+            let mut exchange = std::pin::pin!(self.exchange(req, added, body));
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(done) = exchange.as_mut().poll(cx) {
+                    return Poll::Ready(done);
+                }
+                loop {
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if timer.deadline() >= due {
+                        return Poll::Ready(Err(SendError::TimedOut));
+                    }
+                    timer.as_mut().reset(due);
+                }
+            })
+            .await?
+        };
+        self.timer = Some(timer);
+        let (head, framing, keep_alive) = head;
+        Ok(self.respond(head, framing, keep_alive))
+    }
+
+    /// What [`Conn::send`] does, without its time limit.
+    async fn exchange<B>(
+        &mut self,
+        req: &http::request::Parts,
+        added: Option<&Added>,
+        body: Option<&mut B>,
+    ) -> Result<Head, SendError>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
@@ -159,10 +218,9 @@ impl Conn {
         {
             // The replica answered before the request ended: relay its answer, and never
             // reuse a connection whose request is unfinished.
-            return Ok(self.respond(head, framing, false));
+            return Ok((head, framing, false));
         }
-        let (head, framing, keep_alive) = self.read_head(&req.method).await?;
-        Ok(self.respond(head, framing, keep_alive))
+        self.read_head(&req.method).await
     }
 
     fn respond(
