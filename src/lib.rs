@@ -7,6 +7,7 @@
 pub mod acme;
 pub mod admin;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod load;
 pub mod proxy;

@@ -599,11 +599,13 @@ impl Proxy {
     }
 
     async fn send_own(&self, conn: Conn, out: &mut Outgoing<'_>) -> Result<Attempt, SendError> {
-        let limit = out.header_limit;
-        match conn
-            .send(out.parts, out.added, out.body.as_deref_mut(), limit)
-            .await
-        {
+        let send = conn.send(
+            out.parts,
+            out.added,
+            out.body.as_deref_mut(),
+            out.header_limit,
+        );
+        match send.await {
             Ok(resp) => Ok(Attempt::SentOwn(resp)),
             Err(SendError::TimedOut) => Ok(Attempt::Failed(Failure::Timeout, String::new())),
             Err(e) => Err(e),

@@ -15,7 +15,7 @@
 //! `poll_shutdown`). The server then holds the bare socket, with none of hyper's buffers,
 //! until the client sends again, and starts a new hyper connection on it.
 
-use std::future::Future;
+use crate::deadline::Deadline;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 /// Shared between the connection's IO and its service.
 #[derive(Default)]
@@ -91,10 +91,8 @@ pub struct TimedIo<T> {
     idle: Duration,
     mode: Mode,
     seen_finished: u64,
-    /// When the current state's time runs out (see [`TimedIo::set_due`]).
-    due: Instant,
-    /// The timer, armed for `due` or earlier, never later.
-    deadline: Pin<Box<Sleep>>,
+    /// When the current state's time runs out.
+    deadline: Deadline,
     /// Park the connection after this much idleness (plain HTTP/1 only).
     park_after: Option<Duration>,
     /// The idle deadline currently armed is the park deadline.
@@ -118,8 +116,7 @@ impl<T> TimedIo<T> {
             // A new connection must send its first request head within `header`.
             mode: Mode::Header,
             seen_finished: 0,
-            due: now + header,
-            deadline: Box::pin(tokio::time::sleep_until(now + header)),
+            deadline: Deadline::new(now + header),
             park_after: None,
             park_armed: false,
             idle_since: now,
@@ -162,7 +159,7 @@ impl<T> TimedIo<T> {
             self.idle_since = now;
             self.park_armed = self.park_after.is_some();
             let wait = self.park_after.unwrap_or(self.idle);
-            self.set_due(now + wait);
+            self.deadline.set(now + wait);
         }
     }
 
@@ -177,7 +174,7 @@ impl<T> TimedIo<T> {
             self.parked = true;
             return true;
         }
-        self.set_due(self.idle_since + self.idle);
+        self.deadline.set(self.idle_since + self.idle);
         // Register the new deadline with this task.
         let _ = self.expired(cx);
         false
@@ -192,13 +189,12 @@ impl<T> TimedIo<T> {
         if n > 0 && self.mode == Mode::Idle {
             self.mode = Mode::Header;
             self.park_armed = false;
-            self.set_due(Instant::now() + self.header);
+            self.deadline.set(Instant::now() + self.header);
         }
     }
 
     fn on_write(&mut self, n: usize, cx: &mut Context<'_>) {
-        // Sending a response body is activity: push the idle deadline, at most every second
-        // of real time to keep timer work off the per-write path.
+        // Sending a response body is activity: push the idle deadline.
         if n > 0 && self.mode == Mode::Idle && !self.park_armed {
             self.push_idle();
         }
@@ -209,41 +205,15 @@ impl<T> TimedIo<T> {
         }
     }
 
-    /// Moves the idle deadline to `idle` from now (no timer work: see `set_due`).
+    /// Moves the idle deadline to `idle` from now (the timer stays where it is: see
+    /// [`Deadline`]; a busy connection's is set again about once per park delay).
     fn push_idle(&mut self) {
         self.park_armed = false;
-        self.set_due(Instant::now() + self.idle);
-    }
-
-    /// Sets when the current state's time runs out. The timer is moved only when it would
-    /// fire too late (or has fired): a later deadline leaves it where it is, and when it
-    /// fires early [`Self::timer_fired`] sets it again for `due`. Each request moved it twice
-    /// (to the header deadline, then back to the idle one), about 400 instructions per
-    /// request in tokio's timer wheel (benches/instructions.py); now a busy connection's
-    /// timer fires and is set again about once per park delay (50 ms) instead.
-    fn set_due(&mut self, due: Instant) {
-        self.due = due;
-        if self.deadline.deadline() > due || self.deadline.is_elapsed() {
-            self.deadline.as_mut().reset(due);
-        }
-    }
-
-    /// Whether `due` has passed, by the timer; registers the task to be woken when it does.
-    fn timer_fired(&mut self, cx: &mut Context<'_>) -> bool {
-        loop {
-            if self.deadline.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if self.deadline.deadline() >= self.due {
-                return true;
-            }
-            // Armed for an earlier deadline that has since moved on.
-            self.deadline.as_mut().reset(self.due);
-        }
+        self.deadline.set(Instant::now() + self.idle);
     }
 
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.mode != Mode::Busy && self.timer_fired(cx)
+        self.mode != Mode::Busy && self.deadline.poll_expired(cx)
     }
 }
 
@@ -339,21 +309,24 @@ impl TimedIo<tokio::net::TcpStream> {
     /// future (a waiter node, about 150 bytes) would sit in every parked connection's task.
     pub async fn readable(&mut self) -> io::Result<()> {
         if self.parked {
-            self.set_due(self.idle_since + self.idle);
+            self.deadline.set(self.idle_since + self.idle);
         }
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = self.inner.poll_read_ready(cx) {
-                return Poll::Ready(r);
-            }
-            if self.timer_fired(cx) {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "idle keep-alive connection timed out",
-                )));
-            }
-            Poll::Pending
-        })
-        .await
+        // Through a method: a closure naming `self.inner` and `self.deadline` would hold a
+        // reference to each, 8 bytes more in every parked connection's task.
+        std::future::poll_fn(|cx| self.poll_readable(cx)).await
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Poll::Ready(r) = self.inner.poll_read_ready(cx) {
+            return Poll::Ready(r);
+        }
+        if self.deadline.poll_expired(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "idle keep-alive connection timed out",
+            )));
+        }
+        Poll::Pending
     }
 
     /// Reads without consuming, into `buf`, what the client has sent; 0 at end of stream.

@@ -11,6 +11,7 @@
 //! answer is relayed and the connection, its request unfinished, is not reused. A `101`
 //! hands the socket and any bytes after the head to the caller for the tunnel.
 
+use crate::deadline::Deadline;
 use crate::proxy::headers::{
     Added, is_hop_by_hop, list_tokens, names_fixed_hop_by_hop, remove_hop_by_hop,
 };
@@ -25,7 +26,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 /// A response head longer than this is refused (hyper's default is about 400 KiB; nginx's
 /// `proxy_buffer_size` is 4–8 KiB).
@@ -57,8 +58,8 @@ pub struct Conn {
     buf: BytesMut,
     /// Reused for each request head.
     out: Vec<u8>,
-    /// The response-head timer, kept from request to request (see [`Conn::send`]).
-    timer: Option<Pin<Box<Sleep>>>,
+    /// The response-head deadline, kept from request to request (see [`Deadline`]).
+    deadline: Option<Deadline>,
 }
 
 /// Why a request on a connection failed.
@@ -111,7 +112,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
-            timer: None,
+            deadline: None,
         }
     }
 
@@ -159,40 +160,26 @@ impl Conn {
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
+        // One deadline per connection, not a `tokio::time::timeout` (a timer made, set and
+        // removed) per request: see [`Deadline`].
         let due = Instant::now() + limit;
-        // The connection's timer is moved only when it would fire too late, or has fired;
-        // when it fires early it is set again for `due`. A connection's requests come one
-        // after another under the same limit, so it is seldom touched: a timer made, set
-        // and removed in tokio's wheel for every request (`tokio::time::timeout`) was about
-        // 500 instructions per request (benches/instructions.py).
-        let mut timer = match self.timer.take() {
-            Some(mut timer) => {
-                if timer.deadline() > due || timer.is_elapsed() {
-                    timer.as_mut().reset(due);
-                }
-                timer
+        let mut deadline = match self.deadline.take() {
+            Some(mut d) => {
+                d.set(due);
+                d
             }
-            None => Box::pin(tokio::time::sleep_until(due)),
+            None => Deadline::new(due),
         };
         let head = {
             let mut exchange = std::pin::pin!(self.exchange(req, added, body));
-            std::future::poll_fn(|cx| {
-                if let Poll::Ready(done) = exchange.as_mut().poll(cx) {
-                    return Poll::Ready(done);
-                }
-                loop {
-                    if timer.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    if timer.deadline() >= due {
-                        return Poll::Ready(Err(SendError::TimedOut));
-                    }
-                    timer.as_mut().reset(due);
-                }
+            std::future::poll_fn(|cx| match exchange.as_mut().poll(cx) {
+                Poll::Ready(done) => Poll::Ready(done),
+                Poll::Pending if deadline.poll_expired(cx) => Poll::Ready(Err(SendError::TimedOut)),
+                Poll::Pending => Poll::Pending,
             })
             .await?
         };
-        self.timer = Some(timer);
+        self.deadline = Some(deadline);
         let (head, framing, keep_alive) = head;
         Ok(self.respond(head, framing, keep_alive))
     }
