@@ -15,7 +15,11 @@ backends and with run.py's configs (nginx without its master process). wrk sends
 connections: a warm-up, then the counters are zeroed, then a measured run; the counters
 are dumped and divided by the requests wrk completed. Under callgrind a proxy serves
 5-8k requests/s, so each wake-up finds several requests waiting: the figure is the cost
-per request of a busy proxy (the paced scenarios 7-9 batch less and cost a little more).
+per request of a busy proxy. --scenarios 7 is the paced one instead: h2load sends
+HTTP/1.1 over 10 keep-alive connections at 1 000 requests/s in all (one request per
+connection every 10 ms, as in run.py's scenario 7, the connections opened spread over
+that period), slow enough for a proxy under callgrind to answer each request as it comes,
+alone: the cost per request of scenario 7, where every request is a wake-up of its own.
 
     python3 benches/instructions.py [--proxies gangway,nginx,haproxy] [--gangway-bin PATH]
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -50,7 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--proxies", default=",".join(PROXIES),
                     help="comma list of gangway,nginx,haproxy (default all three)")
-    ap.add_argument("--scenarios", default="1", help="1 (plain HTTP/1.1), 3 (HTTPS), or 1,3")
+    ap.add_argument("--scenarios", default="1",
+                    help="1 (plain HTTP/1.1), 3 (HTTPS), 7 (paced HTTP/1.1), or a list: 1,3,7")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured load per proxy")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--gangway-bin", help="measure this binary instead of building one")
@@ -64,8 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if bad:
         ap.error(f"unknown proxies: {', '.join(bad)}")
     args.scenario_ids = [int(s) for s in args.scenarios.split(",") if s.strip()]
-    if any(s not in (1, 3) for s in args.scenario_ids):
-        ap.error("--scenarios takes 1 and 3")
+    if any(s not in (1, 3, 7) for s in args.scenario_ids):
+        ap.error("--scenarios takes 1, 3 and 7")
     # What run.py's helpers read from their own arguments.
     args.idle_conns = 0
     args.keep_tmp = False
@@ -112,6 +118,27 @@ def wrk(env: bench.Env, url: str, seconds: float, log_path: Path) -> int:
     return int(m.group(1))
 
 
+# Scenario 7 under callgrind: run.py's paced HTTP/1.1 load, each connection sending one
+# request every 10 ms as there, but over 10 connections instead of 200, a rate a proxy under
+# valgrind answers request by request. (Fewer connections each sending less often would
+# leave every connection idle long enough for gangway to park it, which scenario 7's do
+# not.)
+PACED = dataclasses.replace(bench.SCENARIOS[7], conns=10, rate=1000)
+
+
+def h2load_paced(env: bench.Env, url: str, seconds: float, log_path: Path) -> int:
+    """Runs scenario 7's h2load at PACED's rate; the number of requests done (none may fail)."""
+    argv = bench.load_argv(PACED, url, 1, seconds, None)
+    text = bench.run_tool(env.procs, argv, env.load_cpus, seconds * 3 + 60, log_path)
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", text)
+    if not m:
+        raise RuntimeError(f"h2load printed no request count:\n{text[-600:]}")
+    codes = re.search(r"status codes: (\d+) 2xx", text)
+    if m.group(1) != m.group(2) or not codes or codes.group(1) != m.group(1):
+        raise RuntimeError(f"h2load saw failures:\n{text[-600:]}")
+    return int(m.group(1))
+
+
 def measure(env: bench.Env, name: str, scen_id: int, out: Path) -> dict:
     scen = bench.SCENARIOS[scen_id]
     run_dir = env.tmp / "runs" / f"{name}-s{scen_id}"
@@ -125,9 +152,10 @@ def measure(env: bench.Env, name: str, scen_id: int, out: Path) -> dict:
     try:
         scheme = "https" if scen.tls else "http"
         url = f"{scheme}://127.0.0.1:{c.port}/"
-        wrk(env, url, env.args.warmup, run_dir / "warmup.out")
+        load = h2load_paced if scen_id == 7 else wrk
+        load(env, url, env.args.warmup, run_dir / "warmup.out")
         callgrind_control("-z", str(proc.pid))
-        requests = wrk(env, url, env.args.seconds, run_dir / "load.out")
+        requests = load(env, url, env.args.seconds, run_dir / "load.out")
         before = set(out.glob(f"{prefix.name}.{proc.pid}.*"))
         callgrind_control("-d", str(proc.pid))
         profile, total = new_dump(out, f"{prefix.name}.{proc.pid}.", before)
@@ -144,8 +172,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# User-space instructions per request ({meta['date']})", "",
              f"Machine: {meta['machine'].get('cpu_model', '?')}. Versions: "
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v) + ".",
-             f"Load: wrk, {CONNS} keep-alive connections, {meta['seconds']:g} s after a "
-             f"{meta['warmup']:g} s warm-up, each proxy alone under callgrind.", "",
+             f"Load: wrk, {CONNS} keep-alive connections (scenario 7: h2load, "
+             f"{PACED.conns} connections paced at {PACED.rate:,} req/s in all), "
+             f"{meta['seconds']:g} s after a {meta['warmup']:g} s warm-up, each proxy alone "
+             "under callgrind.", "",
              "| scenario | proxy | requests | instructions per request | ÷ nginx |",
              "|---|---|---|---|---|"]
     for s in meta["scenarios"]:
@@ -163,10 +193,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    tools = bench.ensure_tools(not args.no_install, ["nginx", "wrk", "openssl", "taskset",
-                                                     *[p for p in args.proxy_list
-                                                       if p != "gangway"]])
-    missing = [t for t in ("nginx", "wrk", "openssl", "taskset") if not tools.get(t)]
+    needed = ["nginx", "wrk", "openssl", "taskset", *(["h2load"] if 7 in args.scenario_ids
+                                                      else [])]
+    tools = bench.ensure_tools(not args.no_install, [*needed, *[p for p in args.proxy_list
+                                                                if p != "gangway"]])
+    missing = [t for t in needed if not tools.get(t)]
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         missing.append("valgrind")
     if missing:

@@ -1132,6 +1132,36 @@ def sanity_check(port: int, tls: bool, host: str | None = None) -> dict:
     return info
 
 
+def start_perf(env: Env, name: str, scen: Scenario, workers: int
+               ) -> subprocess.Popen | None:
+    """With --perf DIR: `perf record` sampling the proxy's CPUs (every process on them,
+    kernel included) for the measured run, into DIR/w<workers>-s<scenario>-<proxy>-<n>.data.
+    The sampling interrupts are charged to the proxy, so a profiled run's CPU figures are a
+    few percent high: it tells where the time goes, not how much there is."""
+    if not env.args.perf:
+        return None
+    out = Path(env.args.perf)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while (path := out / f"w{workers}-s{scen.id}-{name}-{n}.data").exists():
+        n += 1
+    p = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4000",
+                          "-C", env.proxy_cpus, "-o", str(path)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    env.procs.live.append(p)  # killed with the rest on error or Ctrl-C
+    return p
+
+
+def stop_perf(env: Env, p: subprocess.Popen | None) -> None:
+    if p is None:
+        return
+    p.send_signal(signal.SIGINT)  # perf writes its file on SIGINT
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(timeout=30)
+    env.procs.stop(p)
+
+
 def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: int,
                  run_dir: Path, direct: bool) -> dict:
     args = env.args
@@ -1166,9 +1196,11 @@ def measure_load(env: Env, name: str, scen: Scenario, workers: int, proc, port: 
     cpu0 = ucpu0 + scpu0
     bcpu0 = group_cpu_seconds(backend_proc.pid)
     cores0 = cpu_times()
+    perf = start_perf(env, name, scen, workers)
     t0 = time.monotonic()
     text = run(args.duration, h2log, f"{name}-load")
     wall = time.monotonic() - t0
+    stop_perf(env, perf)
     cores1 = cpu_times()
     (ucpu1, scpu1) = group_cpu_split(pgid)
     cpu1 = ucpu1 + scpu1
@@ -2763,6 +2795,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-pip", action="store_true", help="do not pip install matplotlib")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    ap.add_argument("--perf", metavar="DIR", default=None,
+                    help="record a `perf record` CPU profile of the proxy's CPUs during "
+                    "each measured run into DIR (needs linux-perf)")
     ap.add_argument("--soak", type=float, default=None, metavar="SECONDS",
                     help=f"run only the soak: gangway under a steady load for SECONDS (at "
                     f"least {SOAK_MIN:.0f}, at most {SOAK_MAX:.0f}; issue 8 asks for 600), its "
@@ -2824,6 +2859,9 @@ def main(argv: list[str]) -> int:
         if not tools.get(need):
             log(f"cannot run without {need}")
             return 2
+    if args.perf and not shutil.which("perf"):
+        log("--perf needs perf (Debian package linux-perf)")
+        return 2
     skipped = []
     proxies = []
     for p in args.proxy_list:
