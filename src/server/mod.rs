@@ -509,8 +509,6 @@ fn serve_connection(
     let proto = if tls.is_some() { "https" } else { "http" };
     let tls_info = tls.as_ref().map(|_| Arc::new(std::sync::OnceLock::new()));
     let info = Arc::new(ConnInfo::new(peer, local.port(), proto, tls_info.clone()));
-    // Kept to drop the connection's forwarding block while it is parked.
-    let parked_info = Arc::clone(&info);
     let state = Arc::clone(&shared.state);
     let request_stats = Arc::clone(&shared.stats);
     let service = service_fn(move |req| {
@@ -580,7 +578,6 @@ fn serve_connection(
                 None => return,
             };
             tracing::trace!(peer = %peer, "idle connection parked");
-            parked_info.text.forget_block();
             if unread.is_empty() {
                 let _parked = GaugeGuard::new(&stats.parked);
                 tokio::select! {
