@@ -701,3 +701,70 @@ async fn a_catch_all_site_with_a_certificate_answers_unknown_names() {
         "fallback"
     );
 }
+
+/// An app that refuses an upload from its head and closes, the body unread, behind an HTTPS
+/// site, and a client that sends its whole body before reading (as Python's `requests`
+/// does): gangway lingers on the TLS connection, reading and dropping the rest of the
+/// upload, so the client's writes go through and it reads the 413. Closed at once, the
+/// socket was reset with the upload unread, and the client saw a failed write instead.
+#[tokio::test]
+async fn an_early_answer_over_tls_reaches_a_client_that_sends_its_whole_body_first() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    ca.issue("a", &["a.example.test"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let replica = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!")
+                    .await;
+                // Dropped with the body unread: the replica's kernel resets the connection.
+            });
+        }
+    });
+    let gw = Gangway::start(&format!(
+        "listen:\n  http: 127.0.0.1:0\n  https: 127.0.0.1:0\nstorage: {storage}\nsites:\n  - hosts: [a.example.test]\n    tls: {{cert: {pem}, key: {key}}}\n    upstreams: [{replica}]\n",
+        storage = dir.path().join("state").display(),
+        pem = ca.path("a.pem"),
+        key = ca.path("a.key"),
+    ))
+    .await;
+    let cfg = client_config(roots(&[&ca.pem]), &[b"http/1.1"]);
+    let body = vec![7u8; 16 * 1024 * 1024];
+    for round in 0..3 {
+        let addr = gw.https_addr.expect("https listener");
+        let mut s = tls_connect(addr, "a.example.test", &cfg).await.unwrap();
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nhost: a.example.test\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            s.write_all(head.as_bytes()).await.unwrap();
+            if let Err(e) = s.write_all(&body).await {
+                panic!("round {round}: the upload was cut before the answer was read: {e}");
+            }
+            s.flush().await.unwrap();
+            s.read_to_end(&mut got).await.unwrap();
+        })
+        .await
+        .expect("the answer and the end of the connection");
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+            "round {round}: {text}"
+        );
+        assert!(text.ends_with("\r\n\r\ntoo big!"), "round {round}: {text}");
+    }
+}

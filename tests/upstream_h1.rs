@@ -713,6 +713,46 @@ async fn an_early_answer_to_an_upload_is_relayed_and_its_connection_dropped() {
     assert_eq!(up.connections(), 2);
 }
 
+/// A replica that refuses an upload from its head and closes at once, the body unread (its
+/// kernel then resets the connection), in front of a client that sends its whole body before
+/// it reads anything, as Python's `http.client` and `requests` do. Each of the two hops used
+/// to lose the answer: gangway's upload to the replica failed with a broken pipe, often
+/// before the runtime had seen the 413 arrive (a 502 instead), and gangway closed the
+/// client's connection with the upload unread, so the client's own writes failed.
+#[tokio::test]
+async fn an_early_answer_reaches_a_client_that_sends_its_whole_body_before_reading() {
+    let up = Scripted::start(|_| {
+        closing(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big!")
+    })
+    .await;
+    let gw = up.gangway().await;
+    let body = vec![7u8; 16 * 1024 * 1024];
+    for round in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nhost: app.test\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            s.write_all(head.as_bytes()).await.unwrap();
+            if let Err(e) = s.write_all(&body).await {
+                panic!("round {round}: the upload was cut before the answer was read: {e}");
+            }
+            s.read_to_end(&mut got).await.unwrap();
+        })
+        .await
+        .expect("the answer and the end of the connection");
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+            "round {round}: {text}"
+        );
+        assert!(text.ends_with("\r\n\r\ntoo big!"), "round {round}: {text}");
+    }
+    assert_eq!(up.connections(), 5, "one replica connection per upload");
+}
+
 #[tokio::test]
 async fn bytes_a_replica_sends_right_after_its_101_reach_the_client() {
     let up = Scripted::start(|_| {

@@ -651,6 +651,12 @@ async fn serve_tls<S>(
 ) where
     S: ConnService,
 {
+    // The socket once more, to linger on once hyper and the TLS layer are done with it (an
+    // extra descriptor of the same socket: one system call per TLS connection).
+    let activity = Arc::clone(io.activity());
+    let lingering = std::os::fd::AsFd::as_fd(io.get_ref())
+        .try_clone_to_owned()
+        .ok();
     let handshake = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tls_handshake(io, &tls.config, tls.local, peer),
@@ -679,7 +685,22 @@ async fn serve_tls<S>(
     } else {
         &stats.connections_h1
     });
-    serve_http(TokioIo::new(stream), builder, service, shutdown, peer).await
+    serve_http(TokioIo::new(stream), builder, service, shutdown, peer).await;
+    if let Some(fd) = lingering
+        && activity.should_linger()
+        && !shutdown.is_cancelled()
+        && let Ok(stream) = tcp_from_fd(fd)
+    {
+        // The client's bytes are TLS records here: read and dropped all the same.
+        Box::pin(linger(stream, shutdown)).await;
+    }
+}
+
+/// A tokio socket on a second descriptor of a connection's socket.
+fn tcp_from_fd(fd: std::os::fd::OwnedFd) -> io::Result<TcpStream> {
+    let std_stream = std::net::TcpStream::from(fd);
+    std_stream.set_nonblocking(true)?;
+    TcpStream::from_std(std_stream)
 }
 
 /// Serves HTTP/1.1 requests on a plain connection, starting with the bytes a parked
@@ -712,15 +733,63 @@ where
         tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
         return None;
     }
-    // Upgraded (WebSocket), closed by the client, or timed out: done.
+    // Upgraded (WebSocket): done.
     let parts = conn.into_parts()?;
     let (rest, back) = parts.io.into_inner().into_inner();
-    if !back.is_parked() || shutdown.is_cancelled() {
+    if shutdown.is_cancelled() {
+        return None;
+    }
+    if !back.is_parked() {
+        if back.activity().should_linger() {
+            // Boxed: rare, and its state would enlarge this future.
+            drop((rest, parts.read_buf));
+            Box::pin(linger(back.into_inner(), shutdown)).await;
+        }
         return None;
     }
     // Copied out, and hyper's read buffer (8 KiB and more) dropped with this future: it must
     // not live on while the connection is parked.
     Some((back, unread_bytes(rest, parts.read_buf)))
+}
+
+/// How long a lingering close waits for the client's next bytes, and for it to finish in all
+/// (nginx's `lingering_timeout` and `lingering_time`).
+const LINGER_IDLE: Duration = Duration::from_secs(5);
+const LINGER_MAX: Duration = Duration::from_secs(30);
+
+/// Lingering close, as nginx's `lingering_close`: when the server ended a connection whose
+/// client had not closed its side ([`Activity::should_linger`]; hyper has sent the response
+/// and shut the socket down for writing), what the client still sends is read and dropped
+/// until it closes too, waiting at most [`LINGER_IDLE`] for each read and [`LINGER_MAX`] in
+/// all. The case is an early answer to an upload: an app that refuses a body from its head
+/// (a 413, a 401) answers before the client has sent it all, and a socket closed with bytes
+/// unread is reset by the kernel, which throws away the answer the client has not read yet.
+/// A client that sends its whole body before it reads (Python's `http.client` and
+/// `requests`, for ones) then saw a broken pipe instead of the 413.
+async fn linger(mut stream: TcpStream, shutdown: &CancellationToken) {
+    use tokio::io::AsyncReadExt;
+    let end = tokio::time::Instant::now() + LINGER_MAX;
+    let mut buf = Vec::new();
+    let mut first = [0u8; 64];
+    loop {
+        let until = end.min(tokio::time::Instant::now() + LINGER_IDLE);
+        let read = if buf.is_empty() {
+            stream.read(&mut first)
+        } else {
+            stream.read(&mut buf)
+        };
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(until, read) => match r {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        if buf.is_empty() && n == first.len() {
+            // A body is still coming: read it in larger pieces.
+            buf = vec![0u8; 64 * 1024];
+        }
+    }
 }
 
 /// What a parked connection had received but not parsed, in a buffer of its own size. Takes

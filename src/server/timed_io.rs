@@ -34,6 +34,10 @@ pub struct Activity {
     streaming: AtomicUsize,
     /// The connection was upgraded (WebSocket): a tunnel, never parked, no request heads.
     upgraded: std::sync::atomic::AtomicBool,
+    /// Our side was shut down for good (not parked): the server ended the connection.
+    closing: std::sync::atomic::AtomicBool,
+    /// The client closed its side (a read returned end of stream).
+    client_done: std::sync::atomic::AtomicBool,
 }
 
 /// Held by a response body until hyper has sent it (or dropped it).
@@ -54,6 +58,13 @@ impl Activity {
     pub fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Busy(Arc::clone(self))
+    }
+
+    /// Whether the server ended the connection while the client may still be sending (its
+    /// side not closed): the socket should linger before it is closed (see
+    /// `server::linger`).
+    pub fn should_linger(&self) -> bool {
+        self.closing.load(Ordering::Acquire) && !self.client_done.load(Ordering::Acquire)
     }
 
     /// Marks a response body as being sent until the guard is dropped.
@@ -145,6 +156,14 @@ impl<T> TimedIo<T> {
         &self.inner
     }
 
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+
     /// Brings `mode` up to date with the service's request counter.
     fn refresh(&mut self) {
         if self.activity.in_flight.load(Ordering::Acquire) > 0 {
@@ -228,7 +247,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.on_read(buf.filled().len() - before);
+                let n = buf.filled().len() - before;
+                if n == 0 && buf.remaining() > 0 {
+                    this.activity.client_done.store(true, Ordering::Release);
+                }
+                this.on_read(n);
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -297,6 +320,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
             // hyper ends a parked connection as if the client had closed it: keep it open.
             return Poll::Ready(Ok(()));
         }
+        this.activity.closing.store(true, Ordering::Release);
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }

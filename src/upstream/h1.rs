@@ -279,7 +279,9 @@ impl Conn {
     {
         let mut pending: Option<Outgoing> = None;
         let mut body_done = false;
-        std::future::poll_fn(|cx| {
+        // Why the replica stopped taking the body, when it did.
+        let mut cut: Option<String> = None;
+        let uploaded = std::future::poll_fn(|cx| {
             loop {
                 // Anything from the replica yet? An answer ends the upload.
                 if self.buf.len() < MAX_HEAD {
@@ -301,7 +303,8 @@ impl Conn {
                 if let Some(out) = pending.as_mut() {
                     match tokio_util::io::poll_write_buf(Pin::new(&mut self.io), cx, out) {
                         Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(broken("replica stopped reading the upload")));
+                            cut = Some("replica stopped reading the upload".into());
+                            return Poll::Ready(Ok(None));
                         }
                         Poll::Ready(Ok(_)) => {
                             if !out.has_remaining() {
@@ -310,7 +313,8 @@ impl Conn {
                             continue;
                         }
                         Poll::Ready(Err(e)) => {
-                            return Poll::Ready(Err(broken(format!("upload failed: {e}"))));
+                            cut = Some(format!("upload failed: {e}"));
+                            return Poll::Ready(Ok(None));
                         }
                         Poll::Pending => return Poll::Pending,
                     }
@@ -340,7 +344,18 @@ impl Conn {
                 }
             }
         })
-        .await
+        .await?;
+        let Some(why) = cut else {
+            return Ok(uploaded);
+        };
+        // A replica that refuses a body from its head (a 413, a 401) may answer and close
+        // without reading the rest; the write then fails, often before the runtime has seen
+        // the answer arrive. What it sent is still there to read (a reset drops what was
+        // queued to send, not what was received): relay it, or else the write's error.
+        match self.read_head(method).await {
+            Ok(head) => Ok(Some(head)),
+            Err(_) => Err(broken(why)),
+        }
     }
 
     async fn read(&mut self) -> io::Result<usize> {
