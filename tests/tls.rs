@@ -749,18 +749,7 @@ async fn an_early_answer_over_tls_reaches_a_client_that_sends_its_whole_body_fir
             "POST /upload HTTP/1.1\r\nhost: a.example.test\r\ncontent-length: {}\r\n\r\n",
             body.len()
         );
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            s.write_all(head.as_bytes()).await.unwrap();
-            if let Err(e) = s.write_all(&body).await {
-                panic!("round {round}: the upload was cut before the answer was read: {e}");
-            }
-            s.flush().await.unwrap();
-            s.read_to_end(&mut got).await.unwrap();
-        })
-        .await
-        .expect("the answer and the end of the connection");
-        let text = String::from_utf8_lossy(&got);
+        let text = upload_whole_then_read(&mut s, &head, &body, round).await;
         assert!(
             text.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
             "round {round}: {text}"

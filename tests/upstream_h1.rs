@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{Client, Gangway, get, get_raw_for, get_until_closed, raw_exchange, request};
+use common::{
+    Client, Gangway, get, get_raw_for, get_until_closed, raw_exchange, request,
+    upload_whole_then_read,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -733,17 +736,7 @@ async fn an_early_answer_reaches_a_client_that_sends_its_whole_body_before_readi
             "POST /upload HTTP/1.1\r\nhost: app.test\r\ncontent-length: {}\r\n\r\n",
             body.len()
         );
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(20), async {
-            s.write_all(head.as_bytes()).await.unwrap();
-            if let Err(e) = s.write_all(&body).await {
-                panic!("round {round}: the upload was cut before the answer was read: {e}");
-            }
-            s.read_to_end(&mut got).await.unwrap();
-        })
-        .await
-        .expect("the answer and the end of the connection");
-        let text = String::from_utf8_lossy(&got);
+        let text = upload_whole_then_read(&mut s, &head, &body, round).await;
         assert!(
             text.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
             "round {round}: {text}"

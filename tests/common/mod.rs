@@ -541,3 +541,26 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> Ve
     let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
     out
 }
+
+/// What a client that sends its whole request body before it reads anything (as Python's
+/// `http.client` and `requests` do) gets back: it writes `head` and `body`, then reads to
+/// the end of the connection. Panics, naming `round`, when a write fails (the server reset
+/// the connection with the upload unread) or it all takes over 30 s.
+pub async fn upload_whole_then_read<S>(s: &mut S, head: &str, body: &[u8], round: usize) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        s.write_all(head.as_bytes()).await.unwrap();
+        if let Err(e) = s.write_all(body).await {
+            panic!("round {round}: the upload was cut before the answer was read: {e}");
+        }
+        s.flush().await.unwrap();
+        s.read_to_end(&mut got).await.unwrap();
+    })
+    .await
+    .expect("the answer and the end of the connection");
+    String::from_utf8_lossy(&got).into_owned()
+}
