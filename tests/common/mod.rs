@@ -543,14 +543,18 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> Ve
 }
 
 /// What a client that sends its whole request body before it reads anything (as Python's
-/// `http.client` and `requests` do) gets back: it writes `head` and `body`, then reads to
-/// the end of the connection. Panics, naming `round`, when a write fails (the server reset
-/// the connection with the upload unread) or it all takes over 30 s.
-pub async fn upload_whole_then_read<S>(s: &mut S, head: &str, body: &[u8], round: usize) -> String
+/// `http.client` and `requests` do) gets back: it writes a `POST /upload` for `host` with
+/// `body`, then reads to the end of the connection. Panics, naming `round`, when a write
+/// fails (the server reset the connection with the upload unread) or it all takes over 30 s.
+pub async fn upload_whole_then_read<S>(s: &mut S, host: &str, body: &[u8], round: usize) -> String
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: {host}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
     let mut got = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), async {
         s.write_all(head.as_bytes()).await.unwrap();
@@ -563,4 +567,13 @@ where
     .await
     .expect("the answer and the end of the connection");
     String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The replica's early `413 Payload Too Large`, whole, as the upload tests' replicas send it.
+pub fn assert_too_big(text: &str, round: usize) {
+    assert!(
+        text.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "round {round}: {text}"
+    );
+    assert!(text.ends_with("\r\n\r\ntoo big!"), "round {round}: {text}");
 }
