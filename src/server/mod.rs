@@ -769,25 +769,15 @@ const LINGER_MAX: Duration = Duration::from_secs(30);
 async fn linger(mut stream: TcpStream, shutdown: &CancellationToken) {
     use tokio::io::AsyncReadExt;
     let end = tokio::time::Instant::now() + LINGER_MAX;
-    let mut buf = Vec::new();
-    let mut first = [0u8; 64];
+    let mut buf = vec![0u8; 16 * 1024];
     loop {
         let until = end.min(tokio::time::Instant::now() + LINGER_IDLE);
-        let read = if buf.is_empty() {
-            stream.read(&mut first)
-        } else {
-            stream.read(&mut buf)
-        };
-        let n = tokio::select! {
-            r = tokio::time::timeout_at(until, read) => match r {
-                Ok(Ok(n)) if n > 0 => n,
+        tokio::select! {
+            r = tokio::time::timeout_at(until, stream.read(&mut buf)) => match r {
+                Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             },
             _ = shutdown.cancelled() => return,
-        };
-        if buf.is_empty() && n == first.len() {
-            // A body is still coming: read it in larger pieces.
-            buf = vec![0u8; 64 * 1024];
         }
     }
 }

@@ -279,8 +279,6 @@ impl Conn {
     {
         let mut pending: Option<Outgoing> = None;
         let mut body_done = false;
-        // Why the replica stopped taking the body, when it did.
-        let mut cut: Option<String> = None;
         let uploaded = std::future::poll_fn(|cx| {
             loop {
                 // Anything from the replica yet? An answer ends the upload.
@@ -293,7 +291,7 @@ impl Conn {
                             )));
                         }
                         Poll::Ready(Ok(_)) => match parse_head(&mut self.buf, method)? {
-                            Parsed::Final(head) => return Poll::Ready(Ok(Some(head))),
+                            Parsed::Final(head) => return Poll::Ready(Ok(Upload::Answered(head))),
                             Parsed::Interim | Parsed::Partial => continue,
                         },
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(broken(e.to_string()))),
@@ -303,8 +301,8 @@ impl Conn {
                 if let Some(out) = pending.as_mut() {
                     match tokio_util::io::poll_write_buf(Pin::new(&mut self.io), cx, out) {
                         Poll::Ready(Ok(0)) => {
-                            cut = Some("replica stopped reading the upload".into());
-                            return Poll::Ready(Ok(None));
+                            let why = "replica stopped reading the upload".to_owned();
+                            return Poll::Ready(Ok(Upload::Cut(why)));
                         }
                         Poll::Ready(Ok(_)) => {
                             if !out.has_remaining() {
@@ -313,14 +311,13 @@ impl Conn {
                             continue;
                         }
                         Poll::Ready(Err(e)) => {
-                            cut = Some(format!("upload failed: {e}"));
-                            return Poll::Ready(Ok(None));
+                            return Poll::Ready(Ok(Upload::Cut(format!("upload failed: {e}"))));
                         }
                         Poll::Pending => return Poll::Pending,
                     }
                 }
                 if body_done {
-                    return Poll::Ready(Ok(None));
+                    return Poll::Ready(Ok(Upload::Sent));
                 }
                 match Pin::new(&mut *body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
@@ -345,8 +342,10 @@ impl Conn {
             }
         })
         .await?;
-        let Some(why) = cut else {
-            return Ok(uploaded);
+        let why = match uploaded {
+            Upload::Sent => return Ok(None),
+            Upload::Answered(head) => return Ok(Some(head)),
+            Upload::Cut(why) => why,
         };
         // A replica that refuses a body from its head (a 413, a 401) may answer and close
         // without reading the rest; the write then fails, often before the runtime has seen
@@ -370,6 +369,14 @@ impl Conn {
     fn into_parts(self) -> (TcpStream, Bytes) {
         (self.io, self.buf.freeze())
     }
+}
+
+/// How an upload ended: the body all sent, an answer before it was, or the replica no longer
+/// taking it (why), which may still have answered before it stopped.
+enum Upload {
+    Sent,
+    Answered(Head),
+    Cut(String),
 }
 
 /// A final response head, its body's framing and whether the connection stays open.
